@@ -1,0 +1,14 @@
+"""oar-kernels: fused kernels for Outcome-grounded Advantage Reshaping (OAR) in GRPO.
+
+    import oar_kernels as ok
+    per_token = ok.reshape_advantages(advantages, scores, score_mask)
+
+See ../SPEC (shipped as the README) for the math; `oar_kernels.info()` for active backends.
+"""
+from oar_kernels import _ops  # noqa: F401  (defines the oar:: schemas first)
+from oar_kernels import _extension  # noqa: F401  (then the C++ kernels register against them)
+from oar_kernels.info import info
+from oar_kernels.reshape import bilevel_weights, reshape_advantages
+
+__version__ = "0.1.0"
+__all__ = ["bilevel_weights", "info", "reshape_advantages", "__version__"]

@@ -1,0 +1,62 @@
+"""Argument checks shared by every public op: each error names the argument at fault."""
+import math
+import numbers
+
+import torch
+
+
+def require_tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def require_float_tensor(name: str, value) -> torch.Tensor:
+    require_tensor(name, value)
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {value.dtype}")
+    return value
+
+
+def require_mask(name: str, value, shape: torch.Size) -> torch.Tensor:
+    """Returns the mask as bool; accepts bool or integer dtypes of exactly `shape`."""
+    require_tensor(name, value)
+    if value.is_floating_point() or value.is_complex():
+        raise TypeError(f"{name} must be a bool or integer tensor, got {value.dtype}")
+    if value.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(value.shape)}")
+    return value if value.dtype == torch.bool else value != 0
+
+
+def require_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listed}")
+
+
+def require_real_in(name: str, value, low: float, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not (low <= value <= high):
+        bounds = f"[{low}, {high}]" if high != math.inf else f">= {low}"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+    return float(value)
+
+
+def require_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def require_finite(name: str, values: torch.Tensor, where: torch.Tensor | None = None) -> None:
+    """Raises if an element of `values` (selected by `where`, if given) is NaN or Inf; one sync."""
+    if values.numel() == 0:
+        return
+    finite = torch.isfinite(values)
+    if where is not None:
+        finite.logical_or_(~where)
+    if not bool(finite.all()):
+        scope = " where score_mask is set" if where is not None else ""
+        raise ValueError(f"{name} must be finite{scope} (found NaN or Inf)")

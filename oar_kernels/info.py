@@ -1,0 +1,44 @@
+"""What is installed and which kernel each op runs on each device."""
+import platform
+from importlib import metadata
+
+import torch
+
+from oar_kernels import _extension, reshape
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def backends() -> dict[str, dict[str, str]]:
+    """{op name: {device: backend}} for every registered op."""
+    cuda = reshape.CUDA_BACKEND if torch.cuda.is_available() else "no CUDA device"
+    return {
+        op: {"cpu": reshape.CPU_BACKEND, "cuda": cuda}
+        for op in ("bilevel_weights", "reshape_advantages")
+    }
+
+
+def report() -> str:
+    lines = [
+        f"oar-kernels {_version('oar-kernels')}",
+        f"python      {platform.python_version()} ({platform.machine()})",
+        f"torch       {torch.__version__}",
+        f"triton      {_version('triton')}",
+        f"numpy       {_version('numpy')}",
+        f"cuda        {torch.cuda.get_device_name() if torch.cuda.is_available() else 'unavailable'}",
+        f"extension   {_extension.STATUS}",
+        "ops:",
+    ]
+    for op, per_device in backends().items():
+        lines.append(f"  oar::{op:<20} cpu: {per_device['cpu']:<34} cuda: {per_device['cuda']}")
+    return "\n".join(lines)
+
+
+def info() -> None:
+    """Prints versions, whether the C++ extension loaded, and each op's backend per device."""
+    print(report())

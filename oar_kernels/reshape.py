@@ -1,0 +1,340 @@
+"""Bi-Level reshape (SPEC section 6): importance scores -> token weights -> per-token advantages.
+
+One file holds the whole op family: the float64 reference, the vectorized torch path, the
+Triton kernel and their registration for `oar::bilevel_weights` / `oar::reshape_advantages`
+(schemas in `_ops.py`; the C++ CPU kernel in `csrc/reshape.cpp`).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from oar_kernels import _extension
+from oar_kernels._checks import (
+    require_bool,
+    require_finite,
+    require_float_tensor,
+    require_mask,
+    require_real_in,
+    require_same_device,
+)
+from oar_kernels._ops import lib
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton ships for Linux x86_64 only; CUDA then uses the torch path
+    triton = None
+
+EPS = 1e-8
+TAU = 0.25
+BETA = 1.0
+FLOOR = 0.1
+# Longest row chunk a Triton program holds at once; longer rows loop over chunks.
+MAX_BLOCK = 4096
+
+
+def _check_args(scores, score_mask, tau, beta, floor, preserve_mass):
+    """Validates the reshape arguments; returns (scores, bool mask, tau, beta, floor, preserve)."""
+    require_float_tensor("scores", scores)
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [B, T], got shape {tuple(scores.shape)}")
+    mask = require_mask("score_mask", score_mask, scores.shape)
+    require_same_device(scores=scores, score_mask=score_mask)
+    return (
+        scores.detach(),
+        mask.detach(),
+        require_real_in("tau", tau, 0.0, 1.0),
+        require_real_in("beta", beta, 0.0),
+        require_real_in("floor", floor, 0.0, 1.0),
+        require_bool("preserve_mass", preserve_mass),
+    )
+
+
+# ---------------------------------------------------------------------------- reference
+
+
+def bilevel_weights_reference(
+    scores, score_mask, *, tau=TAU, beta=BETA, floor=FLOOR, preserve_mass=True
+) -> torch.Tensor:
+    """Float64 transcription of SPEC section 6, one row at a time (for tests).
+
+    scores: [B, T] float; score_mask: [B, T] bool or int. Returns [B, T] float64.
+    """
+    scores, mask, tau, beta, floor, preserve_mass = _check_args(
+        scores, score_mask, tau, beta, floor, preserve_mass
+    )
+    require_finite("scores", scores, where=mask)
+    scores = scores.to(torch.float64)
+    weights = torch.ones_like(scores)
+    for b in range(scores.shape[0]):
+        (cols,) = mask[b].nonzero(as_tuple=True)
+        if cols.numel() == 0:
+            continue
+        c = torch.log1p(scores[b, cols].clamp_min(0))
+        spread = c.max() - c.min()
+        u = (c - c.min()) / (spread if spread > 0 else 1.0)
+        theta = torch.quantile(u, tau, interpolation="linear")
+        w = torch.where(
+            u < theta,
+            (u / (theta + EPS)).clamp_min(floor),
+            1 + beta * (u - theta) / (1 - theta + EPS),
+        )
+        if preserve_mass:
+            w = w * cols.numel() / (w.sum() + EPS)
+        weights[b, cols] = w
+    return weights
+
+
+# ----------------------------------------------------------------- vectorized torch path
+
+
+def _bilevel_weights_torch(scores, score_mask, tau, beta, floor, preserve_mass, *, out):
+    """Whole batch at once: a row sort gives both order statistics of the quantile."""
+    require_finite("scores", scores, where=score_mask)
+    mask = score_mask
+    c = torch.log1p(scores.float().clamp_min(0))
+    n = mask.sum(dim=1, keepdim=True)
+    c_min = torch.where(mask, c, torch.inf).amin(dim=1, keepdim=True)
+    c_max = torch.where(mask, c, -torch.inf).amax(dim=1, keepdim=True)
+    spread = c_max - c_min
+    u = (c - c_min) / torch.where(spread > 0, spread, 1.0)
+    # Unscored slots sort after every u in [0, 1], so order statistics index the scored ones.
+    ordered = torch.where(mask, u, 2.0).sort(dim=1).values
+    last = (n - 1).clamp_min(0)
+    h = last.to(torch.float64) * tau
+    lo = h.floor().long()
+    v_lo = ordered.gather(1, lo)
+    v_hi = ordered.gather(1, torch.minimum(lo + 1, last))
+    theta = v_lo + (h - lo).float() * (v_hi - v_lo)
+    w = torch.where(
+        u < theta,
+        (u / (theta + EPS)).clamp_min(floor),
+        1 + beta * (u - theta) / (1 - theta + EPS),
+    )
+    w = torch.where(mask, w, 0.0)
+    if preserve_mass:
+        w = w * (n / (w.sum(dim=1, keepdim=True, dtype=torch.float64) + EPS)).float()
+    return out.copy_(torch.where(mask, w, 1.0))
+
+
+# ------------------------------------------------------------------------- Triton path
+
+if triton is not None:
+
+    @triton.jit
+    def _log1p(x):
+        # tl.log1p needs libdevice (absent in the interpreter); Goldberg's identity keeps full
+        # relative accuracy for the tiny saliencies OAR-G produces, where log(1 + x) would not.
+        y = 1.0 + x
+        d = y - 1.0
+        tiny = d == 0.0
+        return tl.where(tiny, x, tl.log(y) * (x / tl.where(tiny, 1.0, d)))
+
+    @triton.jit
+    def _load_log_scores(scores_row, mask_row, cols, T, stride_st, stride_mt):
+        m = tl.load(mask_row + cols * stride_mt, mask=cols < T, other=0) != 0
+        x = tl.load(scores_row + cols * stride_st, mask=m, other=0.0).to(tl.float32)
+        return _log1p(tl.maximum(x, 0.0)), m
+
+    @triton.jit
+    def _load_unit_scores(scores_row, mask_row, cols, T, stride_st, stride_mt, c_min, spread):
+        c, m = _load_log_scores(scores_row, mask_row, cols, T, stride_st, stride_mt)
+        # Clamped so every pass sees u in [0, 1] even where division is approximate.
+        return tl.minimum(tl.maximum((c - c_min) / spread, 0.0), 1.0), m
+
+    @triton.jit
+    def _bilevel(u, theta, beta, floor, EPS: tl.constexpr):
+        damped = tl.maximum(u / (theta + EPS), floor)
+        boosted = 1.0 + beta * (u - theta) / (1.0 - theta + EPS)
+        return tl.where(u < theta, damped, boosted)
+
+    @triton.jit
+    def _bilevel_weights_kernel(
+        scores_ptr, mask_ptr, out_ptr, T,
+        stride_sb, stride_st, stride_mb, stride_mt, stride_ob, stride_ot,
+        tau, beta, floor,
+        EPS: tl.constexpr, PRESERVE_MASS: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        scores_row = scores_ptr + row * stride_sb
+        mask_row = mask_ptr + row * stride_mb
+        out_row = out_ptr + row * stride_ob
+        cols = tl.arange(0, BLOCK)
+
+        n = tl.zeros((), tl.int32)
+        c_min = tl.full((), float("inf"), tl.float32)
+        c_max = tl.full((), float("-inf"), tl.float32)
+        for start in range(0, T, BLOCK):
+            c, m = _load_log_scores(scores_row, mask_row, start + cols, T, stride_st, stride_mt)
+            n += tl.sum(m.to(tl.int32), axis=0)
+            c_min = tl.minimum(c_min, tl.min(tl.where(m, c, float("inf")), axis=0))
+            c_max = tl.maximum(c_max, tl.max(tl.where(m, c, float("-inf")), axis=0))
+        spread = c_max - c_min
+        spread = tl.where(spread > 0.0, spread, 1.0)
+
+        h = tl.maximum(n - 1, 0).to(tl.float32) * tau
+        lo = tl.floor(h)
+        rank = lo.to(tl.int32) + 1
+        # Exact order statistic for any row length: non-negative floats order like their int32
+        # bit patterns, so bisection over [bits(0), bits(1)] needs 30 counting passes.
+        bits_lo = tl.zeros((), tl.int32)
+        bits_hi = tl.where(n > 0, 0x3F800000, 0).to(tl.int32)
+        while bits_lo < bits_hi:
+            mid = bits_lo + (bits_hi - bits_lo) // 2
+            count = tl.zeros((), tl.int32)
+            for start in range(0, T, BLOCK):
+                u, m = _load_unit_scores(
+                    scores_row, mask_row, start + cols, T, stride_st, stride_mt, c_min, spread
+                )
+                below = m & (u.to(tl.int32, bitcast=True) <= mid)
+                count += tl.sum(below.to(tl.int32), axis=0)
+            enough = count >= rank
+            bits_hi = tl.where(enough, mid, bits_hi)
+            bits_lo = tl.where(enough, bits_lo, mid + 1)
+        v_lo = bits_lo.to(tl.float32, bitcast=True)
+
+        # The next order statistic is v_lo again if it repeats, else the smallest u above it.
+        n_at_most = tl.zeros((), tl.int32)
+        above = tl.full((), float("inf"), tl.float32)
+        for start in range(0, T, BLOCK):
+            u, m = _load_unit_scores(
+                scores_row, mask_row, start + cols, T, stride_st, stride_mt, c_min, spread
+            )
+            n_at_most += tl.sum((m & (u <= v_lo)).to(tl.int32), axis=0)
+            above = tl.minimum(above, tl.min(tl.where(m & (u > v_lo), u, float("inf")), axis=0))
+        v_hi = tl.where((n_at_most > rank) | (above == float("inf")), v_lo, above)
+        theta = v_lo + (h - lo) * (v_hi - v_lo)
+
+        scale = 1.0
+        if PRESERVE_MASS:
+            mass = tl.zeros((), tl.float32)
+            for start in range(0, T, BLOCK):
+                u, m = _load_unit_scores(
+                    scores_row, mask_row, start + cols, T, stride_st, stride_mt, c_min, spread
+                )
+                w = _bilevel(u, theta, beta, floor, EPS)
+                mass += tl.sum(tl.where(m, w, 0.0), axis=0)
+            scale = n.to(tl.float32) / (mass + EPS)
+        for start in range(0, T, BLOCK):
+            u, m = _load_unit_scores(
+                scores_row, mask_row, start + cols, T, stride_st, stride_mt, c_min, spread
+            )
+            w = tl.where(m, _bilevel(u, theta, beta, floor, EPS) * scale, 1.0)
+            tl.store(out_row + (start + cols) * stride_ot, w, mask=start + cols < T)
+
+
+def _bilevel_weights_triton(
+    scores, score_mask, tau, beta, floor, preserve_mass, *, out, block_size=None
+):
+    """One launch for the ragged batch, one program per row.
+
+    Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests).
+    `block_size` overrides the row chunk (a power of two) so tests can force multi-chunk rows.
+    """
+    require_finite("scores", scores, where=score_mask)
+    B, T = scores.shape
+    if out.numel() == 0:
+        return out
+    block = block_size or min(triton.next_power_of_2(T), MAX_BLOCK)
+    mask = score_mask.view(torch.uint8)
+    # The launch goes to the current CUDA device: make it the tensors' device.
+    with torch.cuda.device(scores.device) if scores.is_cuda else contextlib.nullcontext():
+        _bilevel_weights_kernel[(B,)](
+            scores, mask, out, T,
+            scores.stride(0), scores.stride(1), mask.stride(0), mask.stride(1),
+            out.stride(0), out.stride(1),
+            tau, beta, floor,
+            EPS=EPS, PRESERVE_MASS=preserve_mass, BLOCK=block,
+            num_warps=8 if block >= 2048 else 4,
+        )  # fmt: skip
+    return out
+
+
+# ------------------------------------------------------------------------ registration
+
+
+def _register_bilevel_weights(dispatch_key: str, weights_into) -> None:
+    def functional(scores, score_mask, tau, beta, floor, preserve_mass):
+        out = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
+        return weights_into(scores, score_mask, tau, beta, floor, preserve_mass, out=out)
+
+    lib.impl("bilevel_weights", functional, dispatch_key)
+    lib.impl("bilevel_weights.out", weights_into, dispatch_key)
+
+
+CPU_BACKEND = "C++ extension (oar_kernels._C)" if _extension.LOADED else "torch (vectorized)"
+CUDA_BACKEND = "triton" if triton is not None else "torch (vectorized; triton not installed)"
+
+if not _extension.LOADED:
+    _register_bilevel_weights("CPU", _bilevel_weights_torch)
+_register_bilevel_weights(
+    "CUDA", _bilevel_weights_triton if triton is not None else _bilevel_weights_torch
+)
+
+
+def _reshape_advantages_impl(advantages, scores, score_mask, tau, beta, floor, preserve_mass):
+    require_finite("advantages", advantages)
+    weights = torch.ops.oar.bilevel_weights(scores, score_mask, tau, beta, floor, preserve_mass)
+    per_row = advantages.to(torch.float32)
+    return weights * (per_row.unsqueeze(1) if per_row.dim() == 1 else per_row)
+
+
+lib.impl("reshape_advantages", _reshape_advantages_impl, "CompositeExplicitAutograd")
+
+
+# -------------------------------------------------------------------------- public API
+
+
+def bilevel_weights(
+    scores: torch.Tensor,
+    score_mask: torch.Tensor,
+    *,
+    tau: float = TAU,
+    beta: float = BETA,
+    floor: float = FLOOR,
+    preserve_mass: bool = True,
+) -> torch.Tensor:
+    """Bi-Level token weights from importance scores (SPEC section 6).
+
+    scores: [B, T] any float dtype, finite where scored (negative scores count as 0).
+    score_mask: [B, T] bool or int, the tokens whose weights are reshaped.
+    Returns [B, T] float32: 1 outside score_mask, mean weight 1 over each row's scored
+    tokens when preserve_mass. Weights are constants (no gradient flows to scores).
+    """
+    scores, mask, tau, beta, floor, preserve_mass = _check_args(
+        scores, score_mask, tau, beta, floor, preserve_mass
+    )
+    return torch.ops.oar.bilevel_weights(scores, mask, tau, beta, floor, preserve_mass)
+
+
+def reshape_advantages(
+    advantages: torch.Tensor,
+    scores: torch.Tensor,
+    score_mask: torch.Tensor,
+    *,
+    tau: float = TAU,
+    beta: float = BETA,
+    floor: float = FLOOR,
+    preserve_mass: bool = True,
+) -> torch.Tensor:
+    """Per-token advantages A_{b,t} = A_b * w_{b,t} (SPEC sections 6 and 8).
+
+    advantages: [B] (one per sequence, as GRPO computes) or [B, T], any float dtype.
+    scores, score_mask: as in `bilevel_weights`.
+    Returns [B, T] float32. Positive and negative advantages get the same weights.
+    """
+    scores, mask, tau, beta, floor, preserve_mass = _check_args(
+        scores, score_mask, tau, beta, floor, preserve_mass
+    )
+    require_float_tensor("advantages", advantages)
+    B, T = scores.shape
+    if advantages.shape not in ((B,), (B, T)):
+        raise ValueError(
+            f"advantages must be [B]={B} or [B, T]={(B, T)}, got {tuple(advantages.shape)}"
+        )
+    require_same_device(advantages=advantages, scores=scores)
+    return torch.ops.oar.reshape_advantages(
+        advantages.detach(), scores, mask, tau, beta, floor, preserve_mass
+    )
