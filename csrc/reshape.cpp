@@ -70,9 +70,8 @@ bool bilevel_row(const float* scores, const bool* mask, float* out, int64_t T,
   return true;
 }
 
-at::Tensor& bilevel_weights_out_cpu(const at::Tensor& scores, const at::Tensor& score_mask,
-                                    double tau, double beta, double floor, bool preserve_mass,
-                                    at::Tensor& out) {
+void bilevel_weights_into_cpu(const at::Tensor& scores, const at::Tensor& score_mask, double tau,
+                              double beta, double floor, bool preserve_mass, at::Tensor& out) {
   TORCH_CHECK_VALUE(scores.dim() == 2, "scores must be [B, T], got ", scores.sizes());
   TORCH_CHECK_VALUE(score_mask.sizes() == scores.sizes(), "score_mask must match scores ",
                     scores.sizes(), ", got ", score_mask.sizes());
@@ -102,20 +101,20 @@ at::Tensor& bilevel_weights_out_cpu(const at::Tensor& scores, const at::Tensor& 
   });
   TORCH_CHECK_VALUE(all_finite.load(), "scores must be finite where score_mask is set");
   if (!out_contiguous) out.copy_(dst);
-  return out;
 }
 
 at::Tensor bilevel_weights_cpu(const at::Tensor& scores, const at::Tensor& score_mask, double tau,
                                double beta, double floor, bool preserve_mass) {
   at::Tensor out = at::empty(scores.sizes(), scores.options().dtype(at::kFloat));
-  return bilevel_weights_out_cpu(scores, score_mask, tau, beta, floor, preserve_mass, out);
+  bilevel_weights_into_cpu(scores, score_mask, tau, beta, floor, preserve_mass, out);
+  return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(oar, CPU, m) {
   m.impl("bilevel_weights", &bilevel_weights_cpu);
-  m.impl("bilevel_weights.out", &bilevel_weights_out_cpu);
+  m.impl("bilevel_weights_into", &bilevel_weights_into_cpu);
 }
 
 }  // namespace oar

@@ -7,7 +7,7 @@ See ../SPEC (shipped as the README) for the math; `oar_kernels.info()` for activ
 """
 from oar_kernels import _ops  # noqa: F401  (defines the oar:: schemas first)
 from oar_kernels import _extension  # noqa: F401  (then the C++ kernels register against them)
-from oar_kernels.info import info
+from oar_kernels._info import info
 from oar_kernels.reshape import bilevel_weights, reshape_advantages
 
 __version__ = "0.1.0"

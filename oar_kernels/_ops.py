@@ -13,9 +13,10 @@ lib.define(
     "bilevel_weights(Tensor scores, Tensor score_mask, float tau, float beta, float floor, "
     "bool preserve_mass) -> Tensor"
 )
+# Writes the weights into a preallocated float32 [B, T] `out` (tests poison it first).
 lib.define(
-    "bilevel_weights.out(Tensor scores, Tensor score_mask, float tau, float beta, float floor, "
-    "bool preserve_mass, *, Tensor(a!) out) -> Tensor(a!)"
+    "bilevel_weights_into(Tensor scores, Tensor score_mask, float tau, float beta, float floor, "
+    "bool preserve_mass, Tensor(a!) out) -> ()"
 )
 # advantages: [B] or [B, T]; returns A_{b,t} = A_b * w_{b,t} as float32 [B, T].
 lib.define(
@@ -27,6 +28,11 @@ lib.define(
 @torch.library.register_fake("oar::bilevel_weights")
 def _bilevel_weights_fake(scores, score_mask, tau, beta, floor, preserve_mass):
     return torch.empty_like(scores, dtype=torch.float32)
+
+
+@torch.library.register_fake("oar::bilevel_weights_into")
+def _bilevel_weights_into_fake(scores, score_mask, tau, beta, floor, preserve_mass, out):
+    return None
 
 
 @torch.library.register_fake("oar::reshape_advantages")

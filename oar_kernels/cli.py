@@ -10,7 +10,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "info":
-        from oar_kernels.info import info
+        from oar_kernels._info import info
 
         info()
     return 0

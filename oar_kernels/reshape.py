@@ -93,6 +93,8 @@ def bilevel_weights_reference(
 def _bilevel_weights_torch(scores, score_mask, tau, beta, floor, preserve_mass, *, out):
     """Whole batch at once: a row sort gives both order statistics of the quantile."""
     require_finite("scores", scores, where=score_mask)
+    if out.numel() == 0:
+        return
     mask = score_mask
     c = torch.log1p(scores.float().clamp_min(0))
     n = mask.sum(dim=1, keepdim=True)
@@ -116,7 +118,7 @@ def _bilevel_weights_torch(scores, score_mask, tau, beta, floor, preserve_mass, 
     w = torch.where(mask, w, 0.0)
     if preserve_mass:
         w = w * (n / (w.sum(dim=1, keepdim=True, dtype=torch.float64) + EPS)).float()
-    return out.copy_(torch.where(mask, w, 1.0))
+    out.copy_(torch.where(mask, w, 1.0))
 
 
 # ------------------------------------------------------------------------- Triton path
@@ -156,7 +158,10 @@ if triton is not None:
         stride_sb, stride_st, stride_mb, stride_mt, stride_ob, stride_ot,
         tau, beta, floor,
         EPS: tl.constexpr, PRESERVE_MASS: tl.constexpr, BLOCK: tl.constexpr,
+        ROW_FITS: tl.constexpr,
     ):  # fmt: skip
+        """One program per row. A row that fits one BLOCK stays in registers; a longer row
+        is re-read chunk by chunk in each pass (the passes are cheap next to a sort)."""
         row = tl.program_id(0).to(tl.int64)
         scores_row = scores_ptr + row * stride_sb
         mask_row = mask_ptr + row * stride_mb
@@ -173,6 +178,10 @@ if triton is not None:
             c_max = tl.maximum(c_max, tl.max(tl.where(m, c, float("-inf")), axis=0))
         spread = c_max - c_min
         spread = tl.where(spread > 0.0, spread, 1.0)
+        if ROW_FITS:
+            u_row, m_row = _load_unit_scores(
+                scores_row, mask_row, cols, T, stride_st, stride_mt, c_min, spread
+            )
 
         h = tl.maximum(n - 1, 0).to(tl.float32) * tau
         lo = tl.floor(h)
@@ -183,46 +192,58 @@ if triton is not None:
         bits_hi = tl.where(n > 0, 0x3F800000, 0).to(tl.int32)
         while bits_lo < bits_hi:
             mid = bits_lo + (bits_hi - bits_lo) // 2
-            count = tl.zeros((), tl.int32)
-            for start in range(0, T, BLOCK):
-                u, m = _load_unit_scores(
-                    scores_row, mask_row, start + cols, T, stride_st, stride_mt, c_min, spread
-                )
-                below = m & (u.to(tl.int32, bitcast=True) <= mid)
-                count += tl.sum(below.to(tl.int32), axis=0)
+            if ROW_FITS:
+                count = tl.sum((m_row & (u_row.to(tl.int32, bitcast=True) <= mid)).to(tl.int32))
+            else:
+                count = tl.zeros((), tl.int32)
+                for start in range(0, T, BLOCK):
+                    u, m = _load_unit_scores(
+                        scores_row, mask_row, start + cols, T, stride_st, stride_mt, c_min, spread
+                    )
+                    count += tl.sum((m & (u.to(tl.int32, bitcast=True) <= mid)).to(tl.int32))
             enough = count >= rank
             bits_hi = tl.where(enough, mid, bits_hi)
             bits_lo = tl.where(enough, bits_lo, mid + 1)
         v_lo = bits_lo.to(tl.float32, bitcast=True)
 
         # The next order statistic is v_lo again if it repeats, else the smallest u above it.
-        n_at_most = tl.zeros((), tl.int32)
-        above = tl.full((), float("inf"), tl.float32)
-        for start in range(0, T, BLOCK):
-            u, m = _load_unit_scores(
-                scores_row, mask_row, start + cols, T, stride_st, stride_mt, c_min, spread
-            )
-            n_at_most += tl.sum((m & (u <= v_lo)).to(tl.int32), axis=0)
-            above = tl.minimum(above, tl.min(tl.where(m & (u > v_lo), u, float("inf")), axis=0))
+        if ROW_FITS:
+            n_at_most = tl.sum((m_row & (u_row <= v_lo)).to(tl.int32))
+            above = tl.min(tl.where(m_row & (u_row > v_lo), u_row, float("inf")))
+        else:
+            n_at_most = tl.zeros((), tl.int32)
+            above = tl.full((), float("inf"), tl.float32)
+            for start in range(0, T, BLOCK):
+                u, m = _load_unit_scores(
+                    scores_row, mask_row, start + cols, T, stride_st, stride_mt, c_min, spread
+                )
+                n_at_most += tl.sum((m & (u <= v_lo)).to(tl.int32))
+                above = tl.minimum(above, tl.min(tl.where(m & (u > v_lo), u, float("inf"))))
         v_hi = tl.where((n_at_most > rank) | (above == float("inf")), v_lo, above)
         theta = v_lo + (h - lo) * (v_hi - v_lo)
 
         scale = 1.0
         if PRESERVE_MASS:
-            mass = tl.zeros((), tl.float32)
+            if ROW_FITS:
+                mass = tl.sum(tl.where(m_row, _bilevel(u_row, theta, beta, floor, EPS), 0.0))
+            else:
+                mass = tl.zeros((), tl.float32)
+                for start in range(0, T, BLOCK):
+                    u, m = _load_unit_scores(
+                        scores_row, mask_row, start + cols, T, stride_st, stride_mt, c_min, spread
+                    )
+                    mass += tl.sum(tl.where(m, _bilevel(u, theta, beta, floor, EPS), 0.0))
+            scale = n.to(tl.float32) / (mass + EPS)
+        if ROW_FITS:
+            w = tl.where(m_row, _bilevel(u_row, theta, beta, floor, EPS) * scale, 1.0)
+            tl.store(out_row + cols * stride_ot, w, mask=cols < T)
+        else:
             for start in range(0, T, BLOCK):
                 u, m = _load_unit_scores(
                     scores_row, mask_row, start + cols, T, stride_st, stride_mt, c_min, spread
                 )
-                w = _bilevel(u, theta, beta, floor, EPS)
-                mass += tl.sum(tl.where(m, w, 0.0), axis=0)
-            scale = n.to(tl.float32) / (mass + EPS)
-        for start in range(0, T, BLOCK):
-            u, m = _load_unit_scores(
-                scores_row, mask_row, start + cols, T, stride_st, stride_mt, c_min, spread
-            )
-            w = tl.where(m, _bilevel(u, theta, beta, floor, EPS) * scale, 1.0)
-            tl.store(out_row + (start + cols) * stride_ot, w, mask=start + cols < T)
+                w = tl.where(m, _bilevel(u, theta, beta, floor, EPS) * scale, 1.0)
+                tl.store(out_row + (start + cols) * stride_ot, w, mask=start + cols < T)
 
 
 def _bilevel_weights_triton(
@@ -236,7 +257,7 @@ def _bilevel_weights_triton(
     require_finite("scores", scores, where=score_mask)
     B, T = scores.shape
     if out.numel() == 0:
-        return out
+        return
     block = block_size or min(triton.next_power_of_2(T), MAX_BLOCK)
     mask = score_mask.view(torch.uint8)
     # The launch goes to the current CUDA device: make it the tensors' device.
@@ -246,10 +267,9 @@ def _bilevel_weights_triton(
             scores.stride(0), scores.stride(1), mask.stride(0), mask.stride(1),
             out.stride(0), out.stride(1),
             tau, beta, floor,
-            EPS=EPS, PRESERVE_MASS=preserve_mass, BLOCK=block,
+            EPS=EPS, PRESERVE_MASS=preserve_mass, BLOCK=block, ROW_FITS=T <= block,
             num_warps=8 if block >= 2048 else 4,
         )  # fmt: skip
-    return out
 
 
 # ------------------------------------------------------------------------ registration
@@ -258,10 +278,14 @@ def _bilevel_weights_triton(
 def _register_bilevel_weights(dispatch_key: str, weights_into) -> None:
     def functional(scores, score_mask, tau, beta, floor, preserve_mass):
         out = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
-        return weights_into(scores, score_mask, tau, beta, floor, preserve_mass, out=out)
+        weights_into(scores, score_mask, tau, beta, floor, preserve_mass, out=out)
+        return out
+
+    def into(scores, score_mask, tau, beta, floor, preserve_mass, out):
+        weights_into(scores, score_mask, tau, beta, floor, preserve_mass, out=out)
 
     lib.impl("bilevel_weights", functional, dispatch_key)
-    lib.impl("bilevel_weights.out", weights_into, dispatch_key)
+    lib.impl("bilevel_weights_into", into, dispatch_key)
 
 
 CPU_BACKEND = "C++ extension (oar_kernels._C)" if _extension.LOADED else "torch (vectorized)"

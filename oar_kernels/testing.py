@@ -1,0 +1,83 @@
+"""Helpers shared by tests/ and bench/: random ragged batches, the paper's per-row numpy
+procedure, and an allclose that says where it failed."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+SCORE_KINDS = ("lognormal", "uniform", "ties", "constant", "negative", "tiny")
+
+
+def random_ragged_scores(
+    batch: int, length: int, *, density: float, kind: str, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random importance scores [B, T] float32 and a ragged score_mask [B, T] bool.
+
+    Each row's scored span is a random window (like a reasoning span inside a padded
+    rollout) thinned to roughly `density`; `kind` picks the score distribution.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, length + 1, (batch, 1), generator=gen)
+    ends = torch.randint(0, length + 1, (batch, 1), generator=gen)
+    cols = torch.arange(length)
+    window = (cols >= torch.minimum(starts, ends)) & (cols < torch.maximum(starts, ends))
+    mask = window & (torch.rand(batch, length, generator=gen) < density)
+    shape = (batch, length)
+    if kind == "lognormal":
+        scores = torch.exp(2 * torch.randn(shape, generator=gen))
+    elif kind == "uniform":
+        scores = torch.rand(shape, generator=gen)
+    elif kind == "ties":
+        scores = torch.randint(0, 4, shape, generator=gen).float() * 0.5
+    elif kind == "constant":
+        scores = torch.full(shape, 0.7)
+    elif kind == "negative":
+        scores = torch.randn(shape, generator=gen) - 0.5
+    elif kind == "tiny":
+        scores = torch.rand(shape, generator=gen) * 1e-6
+    else:
+        raise ValueError(f"kind must be one of {SCORE_KINDS}, got {kind!r}")
+    return scores, mask
+
+
+def paper_numpy_weights(
+    scores: np.ndarray, score_mask: np.ndarray, *, tau=0.25, beta=1.0, floor=0.1, preserve_mass=True
+) -> np.ndarray:
+    """The paper's procedure written the obvious way: numpy, one row at a time, float64."""
+    weights = np.ones(scores.shape, dtype=np.float64)
+    for b in range(scores.shape[0]):
+        idx = np.flatnonzero(score_mask[b])
+        if idx.size == 0:
+            continue
+        imp = np.log1p(np.maximum(scores[b, idx].astype(np.float64), 0.0))
+        lo, hi = imp.min(), imp.max()
+        norm = (imp - lo) / (hi - lo if hi - lo > 0 else 1.0)
+        thr = np.quantile(norm, tau)
+        w = np.where(
+            norm < thr,
+            np.maximum(norm / (thr + 1e-8), floor),
+            1.0 + beta * (norm - thr) / (1.0 - thr + 1e-8),
+        )
+        if preserve_mass:
+            w = w * idx.size / (w.sum() + 1e-8)
+        weights[b, idx] = w
+    return weights
+
+
+def assert_verbose_allclose(actual, expected, *, rtol: float, atol: float, name: str = "") -> None:
+    """torch.testing-style allclose whose failure counts the mismatches and shows the worst."""
+    actual = torch.as_tensor(actual).detach().cpu().double()
+    expected = torch.as_tensor(expected).detach().cpu().double()
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}")
+    bad = ~torch.isclose(actual, expected, rtol=rtol, atol=atol)
+    bad |= actual.isnan() != expected.isnan()
+    if bad.any():
+        where = bad.nonzero()
+        err = (actual - expected).abs().nan_to_num(float("inf"))
+        worst = tuple(int(i) for i in (err == err.max()).nonzero()[0])
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{bad.numel()} elements differ (rtol={rtol}, atol={atol}); "
+            f"first at {tuple(where[0].tolist())}; worst at {worst}: "
+            f"actual {actual[worst].item()!r} vs expected {expected[worst].item()!r}"
+        )
