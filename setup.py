@@ -24,7 +24,8 @@ def _extension_modules():
     ext = CppExtension(
         name="oar_kernels._C",
         sources=sorted(glob.glob("csrc/*.cpp")),
-        extra_compile_args={"cxx": ["-O3", *openmp]},
+        # -fno-trapping-math lets GCC vectorise the select-heavy loops (results unchanged).
+        extra_compile_args={"cxx": ["-O3", "-fno-trapping-math", *openmp]},
         extra_link_args=openmp,
     )
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
