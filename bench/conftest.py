@@ -1,22 +1,8 @@
-"""Shared benchmark harness: device sync, and a ratio table after pytest-benchmark's own.
+"""Shared benchmark harness: a ratio table after pytest-benchmark's own.
 
 Each benchmark names its implementation in `extra_info["impl"]`; the one marked
 `extra_info["baseline"] = True` in a group is the denominator of that group's ratios.
 """
-import torch
-
-
-def timed(fn, device: str):
-    """Wraps `fn` so CUDA work finishes inside the timed call."""
-    if device == "cuda":
-
-        def synced():
-            result = fn()
-            torch.cuda.synchronize()
-            return result
-
-        return synced
-    return fn
 
 
 def pytest_terminal_summary(terminalreporter, config):
@@ -37,3 +23,4 @@ def pytest_terminal_summary(terminalreporter, config):
             impl = bench.extra_info.get("impl", bench.name)
             ratio = f"{base.stats.median / bench.stats.median:8.1f}x" if base else "      n/a"
             write(f"{group:<34} {impl:<26} {bench.stats.median * 1e3:11.3f} {ratio:>9}")
+    write("")

@@ -6,9 +6,7 @@ import pytest
 import torch
 
 from oar_kernels import _extension, reshape
-from oar_kernels.testing import paper_numpy_weights, random_ragged_scores
-
-from conftest import timed
+from oar_kernels.testing import paper_numpy_weights, random_ragged_scores, synchronized
 
 SHAPES = [(b, t) for b in (8, 64, 256) for t in (512, 2048, 8192)]
 PARAMS = dict(tau=0.25, beta=1.0, floor=0.1, preserve_mass=True)
@@ -46,6 +44,6 @@ def test_reshape(benchmark, impl, device, batch, length):
     scores, mask = scores.to(device), mask.to(device)
     benchmark.group = f"reshape B={batch} T={length}"
     benchmark.extra_info.update(impl=f"{impl}-{device}", baseline=impl == "numpy-loop")
-    fn = timed(_call(impl, scores, mask), device)
+    fn = synchronized(_call(impl, scores, mask), device)
     fn()  # warm-up: Triton compiles on first launch
     benchmark(fn)

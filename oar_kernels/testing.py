@@ -1,5 +1,5 @@
 """Helpers shared by tests/ and bench/: random ragged batches, the paper's per-row numpy
-procedure, and an allclose that says where it failed."""
+procedure, a CUDA-synchronizing wrapper for timing, and an allclose that says where it failed."""
 from __future__ import annotations
 
 import numpy as np
@@ -62,6 +62,19 @@ def paper_numpy_weights(
             w = w * idx.size / (w.sum() + 1e-8)
         weights[b, idx] = w
     return weights
+
+
+def synchronized(fn, device: str):
+    """Wraps `fn` so that CUDA work finishes inside the call (for benchmarks)."""
+    if torch.device(device).type != "cuda":
+        return fn
+
+    def synced():
+        result = fn()
+        torch.cuda.synchronize()
+        return result
+
+    return synced
 
 
 def assert_verbose_allclose(actual, expected, *, rtol: float, atol: float, name: str = "") -> None:

@@ -36,3 +36,16 @@ def test_without_extension_cpu_falls_back_to_torch_path():
     env = {**os.environ, "OAR_KERNELS_NO_EXTENSION": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_reshape_demo_runs_and_preserves_mass(capsys):
+    assert cli.main(["reshape-demo", "--batch", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "mean weight over the reasoning span: 1.0000" in text and "rollout 1" in text
+
+
+def test_reshape_demo_rejects_bad_batch():
+    done = subprocess.run(
+        [sys.executable, "-m", "oar_kernels", "reshape-demo", "--batch", "0"], capture_output=True
+    )
+    assert done.returncode == 2 and b"--batch" in done.stderr
