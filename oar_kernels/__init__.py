@@ -3,12 +3,13 @@
     import oar_kernels as ok
     per_token = ok.reshape_advantages(advantages, scores, score_mask)
 
-See ../SPEC (shipped as the README) for the math; `oar_kernels.info()` for active backends.
+The README has the math and examples; `oar_kernels.info()` lists the active backends.
 """
 from oar_kernels import _ops  # noqa: F401  (defines the oar:: schemas first)
 from oar_kernels import _extension  # noqa: F401  (then the C++ kernels register against them)
 from oar_kernels._info import info
+from oar_kernels.logprobs import token_logprobs
 from oar_kernels.reshape import bilevel_weights, reshape_advantages
 
 __version__ = "0.1.0"
-__all__ = ["bilevel_weights", "info", "reshape_advantages", "__version__"]
+__all__ = ["bilevel_weights", "info", "reshape_advantages", "token_logprobs", "__version__"]

@@ -4,7 +4,7 @@ from importlib import metadata
 
 import torch
 
-from oar_kernels import _extension, reshape
+from oar_kernels import _extension, logprobs, reshape
 
 
 def _version(dist: str) -> str:
@@ -16,10 +16,15 @@ def _version(dist: str) -> str:
 
 def backends() -> dict[str, dict[str, str]]:
     """{op name: {device: backend}} for every registered op."""
-    cuda = reshape.CUDA_BACKEND if torch.cuda.is_available() else "no CUDA device"
+    families = {
+        "bilevel_weights": reshape,
+        "reshape_advantages": reshape,
+        "token_logprobs": logprobs,
+    }
+    has_cuda = torch.cuda.is_available()
     return {
-        op: {"cpu": reshape.CPU_BACKEND, "cuda": cuda}
-        for op in ("bilevel_weights", "reshape_advantages")
+        op: {"cpu": module.CPU_BACKEND, "cuda": module.CUDA_BACKEND if has_cuda else "no CUDA device"}
+        for op, module in families.items()
     }
 
 

@@ -25,6 +25,37 @@ lib.define(
 )
 
 
+# SPEC section 7/8: per-token log pi(target | hidden) through the lm head without [N, V]
+# logits. hidden [N, H], weight [V, H], targets [N] int, bias [V] or None. Returns fp32
+# (fp64 for fp64 inputs) logprobs [N], entropy ([N], or [0] when not asked for) and the logsumexp [N] that the
+# backward reuses.
+lib.define(
+    "token_logprobs(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, "
+    "float temperature, bool return_entropy) -> (Tensor, Tensor, Tensor)"
+)
+lib.define(
+    "token_logprobs_backward(Tensor grad_logprobs, Tensor grad_entropy, Tensor hidden, "
+    "Tensor weight, Tensor targets, Tensor? bias, Tensor lse, Tensor entropy, "
+    "float temperature) -> (Tensor, Tensor, Tensor)"
+)
+
+
+@torch.library.register_fake("oar::token_logprobs")
+def _token_logprobs_fake(hidden, weight, targets, bias, temperature, return_entropy):
+    rows = hidden.shape[0]
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    new = hidden.new_empty
+    return new(rows, dtype=acc), new(rows if return_entropy else 0, dtype=acc), new(rows, dtype=acc)
+
+
+@torch.library.register_fake("oar::token_logprobs_backward")
+def _token_logprobs_backward_fake(
+    grad_logprobs, grad_entropy, hidden, weight, targets, bias, lse, entropy, temperature
+):
+    grad_bias = weight.new_empty(weight.shape[0] if bias is not None else 0)
+    return torch.empty_like(hidden), torch.empty_like(weight), grad_bias
+
+
 @torch.library.register_fake("oar::bilevel_weights")
 def _bilevel_weights_fake(scores, score_mask, tau, beta, floor, preserve_mass):
     return torch.empty_like(scores, dtype=torch.float32)

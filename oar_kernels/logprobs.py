@@ -1,0 +1,307 @@
+"""Per-token log-probabilities through the lm head without [N, V] logits (SPEC sections 7-8).
+
+One file holds the op family: the float64 reference, the chunked driver shared by every
+device, the per-chunk "fold" (logits -> logprob, logsumexp, entropy) and "logits gradient"
+steps as torch code (CPU) and Triton kernels (CUDA), and the registration of
+`oar::token_logprobs` with its autograd.
+
+The driver walks row chunks: a chunk's logits (rows x V) are made by one GEMM, folded to three
+numbers per row, and dropped. The backward recomputes them and turns them into the logits
+gradient in place, then two GEMMs give the hidden and weight gradients; the weight gradient
+is accumulated over chunks in float32.
+"""
+from __future__ import annotations
+
+import torch
+
+from oar_kernels._checks import require_float_tensor, require_real_in, require_same_device
+from oar_kernels._checks import require_tensor
+from oar_kernels._ops import lib
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+# Bytes of chunk logits the driver keeps alive at once (float32 logits of rows x V).
+CHUNK_BYTES = {"cpu": 16 * 2**20, "cuda": 512 * 2**20}
+BLOCK_V = 4096
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64 (gradcheck); every other float dtype computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_rows(rows: int, vocab: int, device: torch.device) -> int:
+    budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"])
+    return max(1, min(rows, budget // (4 * vocab)))
+
+
+# ---------------------------------------------------------------------------- reference
+
+
+def token_logprobs_reference(hidden, weight, targets, *, bias=None, temperature=1.0):
+    """Float64 full-logits transcription: returns (logprobs [N], entropy [N]) float64."""
+    logits = hidden.double().reshape(-1, hidden.shape[-1]) @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    logp_all = torch.log_softmax(logits / temperature, dim=-1)
+    logprobs = logp_all.gather(1, targets.reshape(-1, 1)).squeeze(1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logprobs.reshape(targets.shape), entropy.reshape(targets.shape)
+
+
+# ----------------------------------------------------------------- per-chunk torch steps
+
+
+def _fold_torch(logits, targets, temperature, logprobs, lse, entropy):
+    z = logits.to(logprobs.dtype) / temperature
+    lse.copy_(torch.logsumexp(z, dim=1))
+    logprobs.copy_(z.gather(1, targets[:, None]).squeeze(1) - lse)
+    if entropy is not None:
+        p = (z - lse[:, None]).exp_()
+        entropy.copy_(lse - (p * z).sum(dim=1))
+
+
+def _logits_grad_torch(logits, targets, lse, entropy, grad_logprobs, grad_entropy, temperature):
+    """Overwrites the chunk's logits with d(loss)/d(logits)."""
+    z = logits.to(lse.dtype) / temperature
+    p = (z - lse[:, None]).exp()
+    grad = p * -grad_logprobs[:, None]
+    grad.scatter_add_(1, targets[:, None], grad_logprobs[:, None])
+    if grad_entropy is not None:
+        # dH/dz_j = -p_j (z_j - sum_k p_k z_k) and sum_k p_k z_k = lse - H.
+        grad -= grad_entropy[:, None] * p * (z - (lse - entropy)[:, None])
+    logits.copy_(grad / temperature)
+
+
+# -------------------------------------------------------------------- Triton chunk steps
+
+if triton is not None:
+
+    @triton.jit
+    def _fold_kernel(
+        logits_ptr, stride_row, targets_ptr, logprobs_ptr, lse_ptr, entropy_ptr, V, temperature,
+        WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):  # fmt: skip
+        """One program per row: online logsumexp (and sum p*z) over vocab tiles."""
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride_row
+        cols = tl.arange(0, BLOCK_V)
+        run_max = tl.full((), float("-inf"), tl.float32)
+        run_sum = tl.zeros((), tl.float32)
+        run_dot = tl.zeros((), tl.float32)  # sum of exp(z - max) * z
+        for start in range(0, V, BLOCK_V):
+            in_vocab = start + cols < V  # padded vocab columns read as -inf
+            z = tl.load(base + start + cols, mask=in_vocab, other=float("-inf")).to(tl.float32)
+            z = z / temperature
+            new_max = tl.maximum(run_max, tl.max(z, axis=0))
+            rescale = tl.exp(run_max - new_max)
+            e = tl.exp(z - new_max)
+            run_sum = run_sum * rescale + tl.sum(e, axis=0)
+            if WITH_ENTROPY:
+                run_dot = run_dot * rescale + tl.sum(e * tl.where(in_vocab, z, 0.0), axis=0)
+            run_max = new_max
+        lse = run_max + tl.log(run_sum)
+        target = tl.load(targets_ptr + row)
+        z_target = tl.load(base + target).to(tl.float32) / temperature
+        tl.store(logprobs_ptr + row, z_target - lse)
+        tl.store(lse_ptr + row, lse)
+        if WITH_ENTROPY:
+            tl.store(entropy_ptr + row, lse - run_dot / run_sum)
+
+    @triton.jit
+    def _logits_grad_kernel(
+        logits_ptr, stride_row, targets_ptr, lse_ptr, entropy_ptr, grad_logprobs_ptr,
+        grad_entropy_ptr, V, temperature,
+        WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride_row
+        cols = tl.arange(0, BLOCK_V)
+        lse = tl.load(lse_ptr + row)
+        target = tl.load(targets_ptr + row)
+        g_logp = tl.load(grad_logprobs_ptr + row)
+        if WITH_ENTROPY:
+            g_ent = tl.load(grad_entropy_ptr + row)
+            mean_z = lse - tl.load(entropy_ptr + row)
+        for start in range(0, V, BLOCK_V):
+            in_vocab = start + cols < V
+            z = tl.load(base + start + cols, mask=in_vocab, other=0.0).to(tl.float32) / temperature
+            p = tl.exp(z - lse)
+            grad = tl.where(start + cols == target, g_logp, 0.0) - g_logp * p
+            if WITH_ENTROPY:
+                grad -= g_ent * p * (z - mean_z)
+            grad = grad / temperature
+            tl.store(base + start + cols, grad.to(logits_ptr.dtype.element_ty), mask=in_vocab)
+
+
+def _fold_triton(logits, targets, temperature, logprobs, lse, entropy):
+    with_entropy = entropy is not None
+    _fold_kernel[(logits.shape[0],)](
+        logits, logits.stride(0), targets, logprobs, lse, entropy if with_entropy else lse,
+        logits.shape[1], temperature,
+        WITH_ENTROPY=with_entropy, BLOCK_V=min(BLOCK_V, triton.next_power_of_2(logits.shape[1])),
+    )  # fmt: skip
+
+
+def _logits_grad_triton(logits, targets, lse, entropy, grad_logprobs, grad_entropy, temperature):
+    with_entropy = grad_entropy is not None
+    _logits_grad_kernel[(logits.shape[0],)](
+        logits, logits.stride(0), targets, lse, entropy if with_entropy else lse, grad_logprobs,
+        grad_entropy if with_entropy else grad_logprobs, logits.shape[1], temperature,
+        WITH_ENTROPY=with_entropy, BLOCK_V=min(BLOCK_V, triton.next_power_of_2(logits.shape[1])),
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------ chunked driver
+
+
+def _chunk_logits(hidden_rows, weight, bias):
+    logits = hidden_rows @ weight.T
+    return logits if bias is None else logits.add_(bias)
+
+
+def _forward(hidden, weight, targets, bias, temperature, return_entropy, fold):
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    acc = accumulation_dtype(hidden.dtype)
+    # Checked here, not in the public wrapper: reading values would break a compiled graph.
+    if rows and not (0 <= int(targets.min()) and int(targets.max()) < vocab):
+        raise ValueError(f"targets must lie in [0, {vocab})")
+    # NaN-filled (a cost of N elements) so a row the chunk walk missed cannot pass as a value.
+    logprobs = hidden.new_full((rows,), float("nan"), dtype=acc)
+    lse = torch.full_like(logprobs, float("nan"))
+    entropy = hidden.new_full((rows if return_entropy else 0,), float("nan"), dtype=acc)
+    step = _chunk_rows(rows, vocab, hidden.device)
+    for start in range(0, rows, step):
+        chunk = slice(start, min(rows, start + step))
+        fold(
+            _chunk_logits(hidden[chunk], weight, bias), targets[chunk], temperature,
+            logprobs[chunk], lse[chunk], entropy[chunk] if return_entropy else None,
+        )  # fmt: skip
+    return logprobs, entropy, lse
+
+
+def _backward(grad_logprobs, grad_entropy, hidden, weight, targets, bias, lse, entropy,
+              temperature, logits_grad):  # fmt: skip
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    with_entropy = grad_entropy.numel() > 0
+    grad_hidden = torch.full_like(hidden, float("nan"))
+    acc = accumulation_dtype(weight.dtype)
+    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    grad_bias = torch.zeros(vocab if bias is not None else 0, dtype=acc, device=weight.device)
+    step = _chunk_rows(rows, vocab, hidden.device)
+    for start in range(0, rows, step):
+        chunk = slice(start, min(rows, start + step))
+        logits = _chunk_logits(hidden[chunk], weight, bias)
+        logits_grad(
+            logits, targets[chunk], lse[chunk], entropy[chunk] if with_entropy else None,
+            grad_logprobs[chunk], grad_entropy[chunk] if with_entropy else None, temperature,
+        )  # fmt: skip
+        grad_hidden[chunk] = logits @ weight
+        grad_weight += logits.T @ hidden[chunk]
+        if bias is not None:
+            grad_bias += logits.sum(dim=0, dtype=acc)
+    return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+
+
+# ------------------------------------------------------------------------ registration
+
+_STEPS = {"CPU": (_fold_torch, _logits_grad_torch)}
+_STEPS["CUDA"] = (_fold_triton, _logits_grad_triton) if triton is not None else _STEPS["CPU"]
+CPU_BACKEND = "chunked BLAS GEMM + torch logsumexp"
+CUDA_BACKEND = (
+    "chunked cuBLAS GEMM + Triton fold" if triton is not None else "chunked cuBLAS GEMM + torch"
+)
+
+for _key, (_fold, _logits_grad) in _STEPS.items():
+    # The Triton steps compute in float32; float64 inputs (gradcheck) take the torch steps.
+
+    def _fwd(hidden, weight, targets, bias, temperature, return_entropy, _fold=_fold):
+        fold = _fold_torch if hidden.dtype == torch.float64 else _fold
+        return _forward(hidden, weight, targets, bias, temperature, return_entropy, fold)
+
+    def _bwd(*args, _logits_grad=_logits_grad):
+        logits_grad = _logits_grad_torch if args[2].dtype == torch.float64 else _logits_grad
+        return _backward(*args, logits_grad=logits_grad)
+
+    lib.impl("token_logprobs", _fwd, _key)
+    lib.impl("token_logprobs_backward", _bwd, _key)
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, targets, bias, temperature, _ = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(hidden, weight, targets, bias, lse, entropy)
+    ctx.temperature = temperature
+
+
+def _autograd_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+    hidden, weight, targets, bias, lse, entropy = ctx.saved_tensors
+    if grad_logprobs is None:
+        grad_logprobs = torch.zeros_like(lse)
+    if grad_entropy is None or entropy.numel() == 0:
+        grad_entropy = lse.new_empty(0)
+    grad_hidden, grad_weight, grad_bias = torch.ops.oar.token_logprobs_backward(
+        grad_logprobs.contiguous(), grad_entropy.contiguous(), hidden, weight, targets, bias,
+        lse, entropy, ctx.temperature,
+    )  # fmt: skip
+    return grad_hidden, grad_weight, None, grad_bias if bias is not None else None, None, None
+
+
+torch.library.register_autograd(
+    "oar::token_logprobs", _autograd_backward, setup_context=_setup_context
+)
+
+
+# -------------------------------------------------------------------------- public API
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+):
+    """log softmax((hidden @ weight.T + bias) / temperature)[targets], without [N, V] logits.
+
+    hidden: [N, H] or [B, T, H] float; weight: [V, H] (the lm head), same dtype;
+    targets: [N] or [B, T] integer in [0, V); bias: [V] or None.
+    Returns float32 (float64 for float64 inputs) logprobs shaped like targets (and the entropy of each position's
+    distribution when return_entropy). Differentiable w.r.t. hidden, weight and bias.
+    """
+    require_float_tensor("hidden", hidden)
+    require_float_tensor("weight", weight)
+    require_tensor("targets", targets)
+    if weight.dim() != 2 or hidden.dim() not in (2, 3) or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden must be [N, H] or [B, T, H] and weight [V, H] with the same H, got "
+            f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)}"
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    if targets.is_floating_point() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"targets must have shape {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}"
+        )
+    if bias is not None:
+        require_float_tensor("bias", bias)
+        if bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype:
+            raise ValueError(f"bias must be [V]={weight.shape[0]} of dtype {weight.dtype}")
+    require_same_device(hidden=hidden, weight=weight, targets=targets,
+                        **({"bias": bias} if bias is not None else {}))  # fmt: skip
+    temperature = require_real_in("temperature", temperature, 1e-6)
+    flat_targets = targets.reshape(-1).long()
+    logprobs, entropy, _ = torch.ops.oar.token_logprobs(
+        hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
+        flat_targets.contiguous(), bias, temperature, bool(return_entropy),
+    )  # fmt: skip
+    logprobs = logprobs.reshape(targets.shape)
+    return (logprobs, entropy.reshape(targets.shape)) if return_entropy else logprobs
