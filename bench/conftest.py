@@ -1,5 +1,7 @@
 """Shared benchmark harness: a ratio table after pytest-benchmark's own.
 
+Benchmarks may add `extra_info["peak_mb"]`, the memory a call adds, shown as a column.
+
 Each benchmark names its implementation in `extra_info["impl"]`; the one marked
 `extra_info["baseline"] = True` in a group is the denominator of that group's ratios.
 """
@@ -16,11 +18,13 @@ def pytest_terminal_summary(terminalreporter, config):
     write = terminalreporter.write_line
     write("")
     write("oar-kernels ratios (median time; speedup = baseline / this)")
-    write(f"{'group':<34} {'implementation':<26} {'median ms':>11} {'speedup':>9}")
+    write(f"{'group':<44} {'implementation':<20} {'median ms':>11} {'speedup':>9} {'peak MB':>9}")
     for group, benches in groups.items():
         base = next((b for b in benches if b.extra_info.get("baseline")), None)
         for bench in sorted(benches, key=lambda b: -b.stats.median):
             impl = bench.extra_info.get("impl", bench.name)
             ratio = f"{base.stats.median / bench.stats.median:8.1f}x" if base else "      n/a"
-            write(f"{group:<34} {impl:<26} {bench.stats.median * 1e3:11.3f} {ratio:>9}")
+            peak = bench.extra_info.get("peak_mb")
+            peak = f"{peak:9.1f}" if peak is not None else ""
+            write(f"{group:<44} {impl:<20} {bench.stats.median * 1e3:11.3f} {ratio:>9} {peak}")
     write("")

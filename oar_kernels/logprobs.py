@@ -26,6 +26,8 @@ except ImportError:
 
 # Bytes of chunk logits the driver keeps alive at once (float32 logits of rows x V).
 CHUNK_BYTES = {"cpu": 16 * 2**20, "cuda": 512 * 2**20}
+# Fewer rows than this make the GEMMs inefficient; large vocabularies may exceed the budget.
+MIN_CHUNK_ROWS = 32
 BLOCK_V = 4096
 
 
@@ -36,7 +38,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _chunk_rows(rows: int, vocab: int, device: torch.device) -> int:
     budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"])
-    return max(1, min(rows, budget // (4 * vocab)))
+    return max(1, min(rows, max(MIN_CHUNK_ROWS, budget // (4 * vocab))))
 
 
 # ---------------------------------------------------------------------------- reference
@@ -56,25 +58,36 @@ def token_logprobs_reference(hidden, weight, targets, *, bias=None, temperature=
 # ----------------------------------------------------------------- per-chunk torch steps
 
 
+def _scaled(logits, dtype, temperature):
+    """logits / temperature in `dtype`; may reuse the logits' memory (the chunk is scratch)."""
+    z = logits.to(dtype)
+    return z.div_(temperature) if temperature != 1.0 else z
+
+
 def _fold_torch(logits, targets, temperature, logprobs, lse, entropy):
-    z = logits.to(logprobs.dtype) / temperature
+    z = _scaled(logits, logprobs.dtype, temperature)
     lse.copy_(torch.logsumexp(z, dim=1))
     logprobs.copy_(z.gather(1, targets[:, None]).squeeze(1) - lse)
     if entropy is not None:
-        p = (z - lse[:, None]).exp_()
-        entropy.copy_(lse - (p * z).sum(dim=1))
+        p = torch.sub(z, lse[:, None]).exp_()
+        entropy.copy_(lse - p.mul_(z).sum(dim=1))
 
 
 def _logits_grad_torch(logits, targets, lse, entropy, grad_logprobs, grad_entropy, temperature):
-    """Overwrites the chunk's logits with d(loss)/d(logits)."""
-    z = logits.to(lse.dtype) / temperature
-    p = (z - lse[:, None]).exp()
-    grad = p * -grad_logprobs[:, None]
-    grad.scatter_add_(1, targets[:, None], grad_logprobs[:, None])
+    """Overwrites the chunk's logits with d(loss)/d(logits), using one extra chunk buffer."""
+    z = _scaled(logits, lse.dtype, temperature)
+    p = torch.sub(z, lse[:, None]).exp_()
     if grad_entropy is not None:
         # dH/dz_j = -p_j (z_j - sum_k p_k z_k) and sum_k p_k z_k = lse - H.
-        grad -= grad_entropy[:, None] * p * (z - (lse - entropy)[:, None])
-    logits.copy_(grad / temperature)
+        grad = z.sub_((lse - entropy)[:, None]).mul_(p).mul_(-grad_entropy[:, None])
+        grad.addcmul_(p, grad_logprobs[:, None], value=-1.0)
+    else:
+        grad = p.mul_(-grad_logprobs[:, None])
+    grad.scatter_add_(1, targets[:, None], grad_logprobs[:, None])
+    if temperature != 1.0:
+        grad.div_(temperature)
+    if grad.data_ptr() != logits.data_ptr():
+        logits.copy_(grad)
 
 
 # -------------------------------------------------------------------- Triton chunk steps
@@ -201,7 +214,8 @@ def _backward(grad_logprobs, grad_entropy, hidden, weight, targets, bias, lse, e
             grad_logprobs[chunk], grad_entropy[chunk] if with_entropy else None, temperature,
         )  # fmt: skip
         grad_hidden[chunk] = logits @ weight
-        grad_weight += logits.T @ hidden[chunk]
+        # In place: a [V, H] temporary per chunk would cost as much as the logits we avoid.
+        grad_weight.addmm_(logits.T.to(acc), hidden[chunk].to(acc))
         if bias is not None:
             grad_bias += logits.sum(dim=0, dtype=acc)
     return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)

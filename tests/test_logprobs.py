@@ -64,6 +64,8 @@ def _devices():
 def test_values_and_gradients_match_reference(device, dtype, temperature, bias, monkeypatch):
     # A small chunk budget makes the driver walk several chunks and a ragged last one.
     monkeypatch.setitem(logprobs.CHUNK_BYTES, device, 4 * 97 * 5)
+    monkeypatch.setattr(logprobs, "MIN_CHUNK_ROWS", 1)
+    assert logprobs._chunk_rows(23, 97, torch.device(device)) == 5
     hidden, weight, targets, b = _problem(23, 16, 97, dtype, seed=1, device=device, bias=bias)
     gen = torch.Generator().manual_seed(2)
     w_logp, w_ent = (torch.randn(23, generator=gen).to(device) for _ in range(2))

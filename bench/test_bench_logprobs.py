@@ -1,0 +1,99 @@
+"""token_logprobs: ours (chunked) vs full logits + log_softmax + gather, forward and
+forward+backward, with the peak memory each adds (measured in a fresh process).
+
+    pytest bench/test_bench_logprobs.py --benchmark-only
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import oar_kernels as ok
+from oar_kernels.testing import synchronized
+
+CUDA = torch.cuda.is_available()
+# CPU shapes are scaled down (2 cores); CUDA rows use the issue's training shapes.
+SHAPES = (
+    [(16384, 4096, 151936), (2048, 1024, 32000)] if CUDA else [(2048, 256, 32000), (512, 256, 151936)]
+)
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+
+
+def full_logits(hidden, weight, targets):
+    logits = (hidden @ weight.T).float()
+    return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+
+
+IMPLS = {"full-logits": full_logits, "oar": ok.token_logprobs}
+
+_PEAK_SCRIPT = """
+import json, os, sys, threading, time, torch, oar_kernels as ok
+sys.path.insert(0, {bench_dir!r})
+from test_bench_logprobs import IMPLS
+rows, width, vocab, impl, device = {args!r}
+dtype = torch.bfloat16 if device == "cuda" else torch.float32
+hidden = torch.randn(rows, width, device=device, dtype=dtype, requires_grad=True)
+weight = (torch.randn(vocab, width, device=device, dtype=dtype) / width**0.5).requires_grad_()
+targets = torch.randint(0, vocab, (rows,), device=device)
+page = os.sysconf("SC_PAGE_SIZE")
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page
+def run():
+    IMPLS[impl](hidden, weight, targets).sum().backward()
+if device == "cuda":
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated(); run(); torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+else:
+    # CPU has no allocator statistics: sample the resident set while the step runs.
+    base, peak, done = resident(), 0, False
+    def sample():
+        global peak
+        while not done:
+            peak = max(peak, resident() - base)
+            time.sleep(0.0005)
+    sampler = threading.Thread(target=sample); sampler.start()
+    run(); done = True; sampler.join()
+print(json.dumps(peak))
+"""
+
+
+def peak_bytes(rows, width, vocab, impl):
+    """Memory a fwd+bwd adds on top of its inputs, in a fresh process (CPU: sampled RSS)."""
+    script = _PEAK_SCRIPT.format(
+        bench_dir=str(__import__("pathlib").Path(__file__).parent),
+        args=(rows, width, vocab, impl, DEVICE),
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("rows, width, vocab", SHAPES, ids=[f"N{n}-H{h}-V{v}" for n, h, v in SHAPES])
+def test_token_logprobs(benchmark, impl, backward, rows, width, vocab):
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    hidden = torch.randn(rows, width, device=DEVICE, dtype=DTYPE, generator=gen)
+    weight = torch.randn(vocab, width, device=DEVICE, dtype=DTYPE, generator=gen) / width**0.5
+    targets = torch.randint(0, vocab, (rows,), device=DEVICE, generator=gen)
+    hidden.requires_grad_(backward)
+    weight.requires_grad_(backward)
+    fn = IMPLS[impl]
+
+    def step():
+        out = fn(hidden, weight, targets)
+        if backward:
+            torch.autograd.grad(out.sum(), (hidden, weight))
+
+    benchmark.group = f"logprobs {'fwd+bwd' if backward else 'fwd'} N={rows} H={width} V={vocab}"
+    benchmark.extra_info.update(impl=impl, baseline=impl == "full-logits")
+    if backward and not benchmark.disabled:
+        benchmark.extra_info["peak_mb"] = peak_bytes(rows, width, vocab, impl) / 2**20
+    timed = synchronized(step, DEVICE)
+    timed()
+    benchmark.pedantic(timed, rounds=3, warmup_rounds=0)
