@@ -64,6 +64,32 @@ def paper_numpy_weights(
     return weights
 
 
+NO_CUDA = "needs a CUDA device (none available)"
+
+
+def device_params() -> list:
+    """pytest parameters: "cpu", and "cuda" skipped with a reason where there is none."""
+    import pytest
+
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason=NO_CUDA))]  # fmt: skip
+
+
+def triton_device_or_skip(triton_module) -> str:
+    """Device the Triton kernels run on in tests: CUDA, else the CPU under TRITON_INTERPRET=1."""
+    import os
+
+    import pytest
+
+    if triton_module is None:
+        pytest.skip("triton is not installed")
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA device and TRITON_INTERPRET was not set before triton loaded")
+    return "cpu"
+
+
 def synchronized(fn, device: str):
     """Wraps `fn` so that CUDA work finishes inside the call (for benchmarks)."""
     if torch.device(device).type != "cuda":

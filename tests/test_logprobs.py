@@ -1,5 +1,4 @@
 """token_logprobs: every path against a float64 full-logits reference (SPEC sections 7-8)."""
-import os
 
 import pytest
 import torch
@@ -7,10 +6,9 @@ import torch
 import oar_kernels as ok
 from oar_kernels import logprobs
 from oar_kernels.logprobs import token_logprobs_reference
-from oar_kernels.testing import assert_verbose_allclose
+from oar_kernels.testing import assert_verbose_allclose, device_params, triton_device_or_skip
 
 CUDA = torch.cuda.is_available()
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # (rtol, atol) of values and gradients against float64, per input dtype.
 TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (5e-2, 5e-2), torch.float64: (1e-10, 1e-10)}
 
@@ -53,11 +51,7 @@ def _compare(ours, ref, dtype, name):
             assert_verbose_allclose(got.float(), want, rtol=rtol, atol=atol, name=f"{name} {label}")
 
 
-def _devices():
-    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA device (none available)"))]
-
-
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("bias", [False, True])
@@ -86,20 +80,10 @@ def test_large_and_prime_vocab(vocab):
     )  # fmt: skip
 
 
-def _triton_device():
-    if logprobs.triton is None:
-        pytest.skip("triton is not installed")
-    if CUDA:
-        return "cuda"
-    if not INTERPRETED:
-        pytest.skip("no CUDA device and TRITON_INTERPRET was not set before triton loaded")
-    return "cpu"
-
-
 @pytest.mark.parametrize("vocab", [97, 151936])
 @pytest.mark.parametrize("with_entropy", [False, True])
 def test_triton_chunk_steps_match_reference(vocab, with_entropy):
-    device = _triton_device()
+    device = triton_device_or_skip(logprobs.triton)
     hidden, weight, targets, bias = _problem(3, 8, vocab, torch.float32, seed=4, device=device,
                                              bias=True)  # fmt: skip
     temperature = 0.8

@@ -1,5 +1,4 @@
 """Bi-Level reshape: every path against the float64 reference (SPEC section 6)."""
-import os
 
 import numpy as np
 import pytest
@@ -14,23 +13,14 @@ from oar_kernels.testing import (
     assert_verbose_allclose,
     paper_numpy_weights,
     random_ragged_scores,
+    device_params,
+    triton_device_or_skip,
 )
 
 CUDA = torch.cuda.is_available()
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # The fast paths compute in float32; the reference in float64 (worst seen: 2e-5 relative).
 RTOL, ATOL = 1e-4, 1e-5
 DEFAULTS = dict(tau=0.25, beta=1.0, floor=0.1, preserve_mass=True)
-
-
-def _triton_device():
-    if reshape.triton is None:
-        pytest.skip("triton is not installed")
-    if CUDA:
-        return "cuda"
-    if not INTERPRETED:
-        pytest.skip("no CUDA device and TRITON_INTERPRET was not set before triton loaded")
-    return "cpu"
 
 
 def _torch_path(scores, mask, *, out, tau, beta, floor, preserve_mass, **_):
@@ -54,7 +44,7 @@ def _path_device(path: str) -> str:
             pytest.skip(f"C++ extension not loaded: {_extension.STATUS}")
         return "cpu"
     if path == "triton":
-        return _triton_device()
+        return triton_device_or_skip(reshape.triton)
     return "cpu"
 
 
@@ -141,11 +131,7 @@ def test_non_contiguous_inputs_and_output(path):
 # --------------------------------------------------------------------- SPEC edge cases
 
 
-def _devices():
-    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA device (none available)"))]
-
-
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", device_params())
 def test_edge_rows_follow_spec(device):
     scores = torch.tensor(
         [
@@ -171,7 +157,7 @@ def test_edge_rows_follow_spec(device):
     )
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", device_params())
 def test_empty_batch_returns_empty(device):
     for shape in [(0, 5), (3, 0)]:
         weights = ok.bilevel_weights(torch.zeros(shape, device=device), torch.zeros(shape) > 0)
@@ -183,7 +169,7 @@ def test_empty_batch_returns_empty(device):
         assert adv.shape == shape
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_public_api_any_float_dtype_gives_float32(device, dtype):
     scores, mask = random_ragged_scores(6, 50, density=0.8, kind="lognormal", seed=11)
@@ -194,7 +180,7 @@ def test_public_api_any_float_dtype_gives_float32(device, dtype):
     assert_verbose_allclose(weights, expected, rtol=RTOL, atol=ATOL, name=str(dtype))
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", device_params())
 def test_reshape_advantages_broadcasts_and_keeps_sign(device):
     scores, mask = random_ragged_scores(4, 30, density=0.9, kind="uniform", seed=2)
     scores, mask = scores.to(device), mask.to(device)
@@ -281,7 +267,7 @@ def test_every_path_rejects_non_finite_scores(path):
 # ---------------------------------------------------------------- op registration checks
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", device_params())
 def test_opcheck(device):
     scores, mask = random_ragged_scores(5, 33, density=0.7, kind="lognormal", seed=8)
     scores, mask = scores.to(device), mask.to(device)
@@ -296,7 +282,7 @@ def test_opcheck(device):
     )
 
 
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", device_params())
 def test_torch_compile_fullgraph(device):
     torch._dynamo.reset()
     scores, mask = random_ragged_scores(4, 40, density=0.6, kind="uniform", seed=4)
