@@ -151,12 +151,16 @@ if triton is not None:
             tl.store(base + start + cols, grad.to(logits_ptr.dtype.element_ty), mask=in_vocab)
 
 
+def _vocab_block(vocab: int) -> int:
+    return min(BLOCK_V, triton.next_power_of_2(vocab))
+
+
 def _fold_triton(logits, targets, temperature, logprobs, lse, entropy):
     with_entropy = entropy is not None
     _fold_kernel[(logits.shape[0],)](
         logits, logits.stride(0), targets, logprobs, lse, entropy if with_entropy else lse,
         logits.shape[1], temperature,
-        WITH_ENTROPY=with_entropy, BLOCK_V=min(BLOCK_V, triton.next_power_of_2(logits.shape[1])),
+        WITH_ENTROPY=with_entropy, BLOCK_V=_vocab_block(logits.shape[1]),
     )  # fmt: skip
 
 
@@ -165,7 +169,7 @@ def _logits_grad_triton(logits, targets, lse, entropy, grad_logprobs, grad_entro
     _logits_grad_kernel[(logits.shape[0],)](
         logits, logits.stride(0), targets, lse, entropy if with_entropy else lse, grad_logprobs,
         grad_entropy if with_entropy else grad_logprobs, logits.shape[1], temperature,
-        WITH_ENTROPY=with_entropy, BLOCK_V=min(BLOCK_V, triton.next_power_of_2(logits.shape[1])),
+        WITH_ENTROPY=with_entropy, BLOCK_V=_vocab_block(logits.shape[1]),
     )  # fmt: skip
 
 
@@ -223,26 +227,31 @@ def _backward(grad_logprobs, grad_entropy, hidden, weight, targets, bias, lse, e
 
 # ------------------------------------------------------------------------ registration
 
-_STEPS = {"CPU": (_fold_torch, _logits_grad_torch)}
-_STEPS["CUDA"] = (_fold_triton, _logits_grad_triton) if triton is not None else _STEPS["CPU"]
 CPU_BACKEND = "chunked BLAS GEMM + torch logsumexp"
 CUDA_BACKEND = (
     "chunked cuBLAS GEMM + Triton fold" if triton is not None else "chunked cuBLAS GEMM + torch"
 )
 
-for _key, (_fold, _logits_grad) in _STEPS.items():
+
+def _uses_triton(tensor: torch.Tensor) -> bool:
     # The Triton steps compute in float32; float64 inputs (gradcheck) take the torch steps.
+    return triton is not None and tensor.is_cuda and tensor.dtype != torch.float64
 
-    def _fwd(hidden, weight, targets, bias, temperature, return_entropy, _fold=_fold):
-        fold = _fold_torch if hidden.dtype == torch.float64 else _fold
-        return _forward(hidden, weight, targets, bias, temperature, return_entropy, fold)
 
-    def _bwd(*args, _logits_grad=_logits_grad):
-        logits_grad = _logits_grad_torch if args[2].dtype == torch.float64 else _logits_grad
-        return _backward(*args, logits_grad=logits_grad)
+def _token_logprobs_impl(hidden, weight, targets, bias, temperature, return_entropy):
+    fold = _fold_triton if _uses_triton(hidden) else _fold_torch
+    return _forward(hidden, weight, targets, bias, temperature, return_entropy, fold)
 
-    lib.impl("token_logprobs", _fwd, _key)
-    lib.impl("token_logprobs_backward", _bwd, _key)
+
+def _token_logprobs_backward_impl(*args):
+    hidden = args[2]
+    logits_grad = _logits_grad_triton if _uses_triton(hidden) else _logits_grad_torch
+    return _backward(*args, logits_grad=logits_grad)
+
+
+for _key in ("CPU", "CUDA"):
+    lib.impl("token_logprobs", _token_logprobs_impl, _key)
+    lib.impl("token_logprobs_backward", _token_logprobs_backward_impl, _key)
 
 
 def _setup_context(ctx, inputs, output):
