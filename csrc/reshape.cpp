@@ -7,6 +7,9 @@
 
 #include <algorithm>
 #include <atomic>
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <cstdint>
 #include <cstring>
 #include <cmath>
@@ -95,17 +98,17 @@ void bits_extremes(const int32_t* bits, int64_t n, int32_t* lowest, int32_t* hig
   *highest = hi;
 }
 
-// How many u are <= bits_of_value, and the bits of the smallest u above it (INT32_MAX if none).
+// Bits of the smallest u above `value`, or INT32_MAX if there is none. Bits are >= 0, so
+// b - value - 1 is >= 0 exactly when b > value and wraps past INT32_MAX as unsigned otherwise:
+// an unsigned min (which vectorises) picks the answer.
 OAR_SIMD_CLONES
-void next_above(const int32_t* bits, int64_t n, int32_t value, int32_t* at_most, int32_t* above) {
-  int32_t count = 0;
-  int32_t best = std::numeric_limits<int32_t>::max();
-  for (int64_t i = 0; i < n; ++i) {
-    count += bits[i] <= value;
-    best = std::min(best, bits[i] > value ? bits[i] : std::numeric_limits<int32_t>::max());
-  }
-  *at_most = count;
-  *above = best;
+int32_t smallest_above(const int32_t* bits, int64_t n, int32_t value) {
+  uint32_t best = std::numeric_limits<uint32_t>::max();
+  const uint32_t shift = static_cast<uint32_t>(value) + 1u;
+  for (int64_t i = 0; i < n; ++i) best = std::min(best, static_cast<uint32_t>(bits[i]) - shift);
+  return best > static_cast<uint32_t>(std::numeric_limits<int32_t>::max())
+             ? std::numeric_limits<int32_t>::max()
+             : static_cast<int32_t>(best + shift);
 }
 
 // Writes w(u) into u and returns the sum, in float lanes (as the Triton kernel sums).
@@ -135,22 +138,149 @@ float bilevel_in_place(float* u, int64_t n, float theta, float beta, float floor
   return mass;
 }
 
-// Writes one row of weights. Returns false when a scored element is not finite.
-bool bilevel_row(const float* scores, const bool* mask, float* out, int64_t T,
-                 const ReshapeParams& p, std::vector<float>& x, std::vector<float>& u,
-                 std::vector<int32_t>& cols) {
-  // Compact the scored, clamped scores and their columns (branch-free: the writes of an
-  // unscored element are overwritten by the next one).
-  int64_t n = 0;
-  int32_t non_finite = 0;
-  for (int64_t t = 0; t < T; ++t) {
+// Packs the scored elements of a row: x[k] = max(score, 0) and cols[k] = its column, for the
+// k-th scored element. Returns how many; sets *non_finite if a scored score is NaN or Inf.
+// Stores past the count are scratch, so x and cols need T + 8 slots.
+int64_t compact_scalar(const float* scores, const bool* mask, int64_t T, int64_t t, int64_t n,
+                       float* x, int32_t* cols, int32_t* non_finite) {
+  // Branch-free: the writes of an unscored element are overwritten by the next one.
+  for (; t < T; ++t) {
     const float s = scores[t];
     const bool m = mask[t];
-    non_finite |= m & ((float_to_bits(s) & 0x7f800000) == 0x7f800000);
+    *non_finite |= m & ((float_to_bits(s) & 0x7f800000) == 0x7f800000);
     x[n] = std::max(s, 0.0f);
     cols[n] = static_cast<int32_t>(t);
     n += m;
   }
+  return n;
+}
+
+// Keeps the bits within [low, high] at the front of `bits` (branch-free); returns how many.
+int64_t keep_in_range_scalar(int32_t* bits, int64_t i, int64_t kept, int64_t n, int32_t low,
+                             int32_t high) {
+  for (; i < n; ++i) {
+    const int32_t b = bits[i];
+    bits[kept] = b;
+    kept += (b >= low) & (b <= high);
+  }
+  return kept;
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+// Eight lanes at a time: the mask byte of 8 columns indexes a table of lane permutations that
+// moves the scored lanes to the front (a left-pack), so packing costs no branch per element.
+struct LeftPackTable {
+  alignas(32) int32_t perm[256][8];
+  LeftPackTable() {
+    for (int bits = 0; bits < 256; ++bits) {
+      int k = 0;
+      for (int lane = 0; lane < 8; ++lane)
+        if (bits & (1 << lane)) perm[bits][k++] = lane;
+      while (k < 8) perm[bits][k++] = 0;
+    }
+  }
+};
+const LeftPackTable kLeftPack;
+
+__attribute__((target("avx2,popcnt")))
+int64_t compact_avx2(const float* scores, const bool* mask, int64_t T, float* x, int32_t* cols,
+                     int32_t* non_finite) {
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256i exponent = _mm256_set1_epi32(0x7f800000);
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t n = 0;
+  int64_t t = 0;
+  int bad = 0;
+  for (; t + 8 <= T; t += 8) {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mask + t));
+    const int bits = _mm_movemask_epi8(_mm_cmpgt_epi8(bytes, _mm_setzero_si128())) & 0xff;
+    if (bits == 0) continue;
+    const __m256 s = _mm256_loadu_ps(scores + t);
+    const __m256i s_bits = _mm256_castps_si256(s);
+    const __m256i inf_or_nan = _mm256_cmpeq_epi32(_mm256_and_si256(s_bits, exponent), exponent);
+    bad |= _mm256_movemask_ps(_mm256_castsi256_ps(inf_or_nan)) & bits;
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kLeftPack.perm[bits]));
+    _mm256_storeu_ps(x + n, _mm256_permutevar8x32_ps(_mm256_max_ps(s, zero), perm));
+    const __m256i col = _mm256_add_epi32(lanes, _mm256_set1_epi32(static_cast<int32_t>(t)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(cols + n), _mm256_permutevar8x32_epi32(col, perm));
+    n += __builtin_popcount(bits);
+  }
+  *non_finite |= bad;
+  return compact_scalar(scores, mask, T, t, n, x, cols, non_finite);
+}
+
+__attribute__((target("avx2,popcnt")))
+int64_t keep_in_range_avx2(int32_t* bits, int64_t n, int32_t low, int32_t high) {
+  const __m256i below = _mm256_set1_epi32(low - 1), above = _mm256_set1_epi32(high);
+  int64_t kept = 0, i = 0;
+  // Writes land at or before the lanes being read, so packing in place is safe.
+  for (; i + 8 <= n; i += 8) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + i));
+    const __m256i out = _mm256_or_si256(_mm256_cmpgt_epi32(below, b), _mm256_cmpgt_epi32(b, above));
+    const int keep = ~_mm256_movemask_ps(_mm256_castsi256_ps(out)) & 0xff;
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kLeftPack.perm[keep]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bits + kept), _mm256_permutevar8x32_epi32(b, perm));
+    kept += __builtin_popcount(keep);
+  }
+  return keep_in_range_scalar(bits, i, kept, n, low, high);
+}
+
+const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+
+int64_t keep_in_range(int32_t* bits, int64_t n, int32_t low, int32_t high) {
+  return kHasAvx2 ? keep_in_range_avx2(bits, n, low, high)
+                  : keep_in_range_scalar(bits, 0, 0, n, low, high);
+}
+
+int64_t compact(const float* scores, const bool* mask, int64_t T, float* x, int32_t* cols,
+                int32_t* non_finite) {
+  if (kHasAvx2) return compact_avx2(scores, mask, T, x, cols, non_finite);
+  return compact_scalar(scores, mask, T, 0, 0, x, cols, non_finite);
+}
+#else
+int64_t keep_in_range(int32_t* bits, int64_t n, int32_t low, int32_t high) {
+  return keep_in_range_scalar(bits, 0, 0, n, low, high);
+}
+
+int64_t compact(const float* scores, const bool* mask, int64_t T, float* x, int32_t* cols,
+                int32_t* non_finite) {
+  return compact_scalar(scores, mask, T, 0, 0, x, cols, non_finite);
+}
+#endif
+
+// The rank-th smallest (1-based) of n bit patterns of floats in [0, 1], exactly: bisection on
+// the bits, counting each time. Once at most a quarter of the candidates lies in the range
+// still open, they are cut down to it, so later passes touch a fraction of the row.
+int32_t select_bits(const int32_t* bits, int64_t n, int64_t rank, int32_t* work) {
+  std::copy(bits, bits + n, work);
+  int32_t low = 0, high = 0x3f800000;
+  int64_t candidates = n, below_low = 0, up_to_high = n;
+  while (low < high) {
+    const int32_t mid = low + (high - low) / 2;
+    const int64_t count = count_at_most(work, candidates, mid);
+    if (count >= rank) {
+      high = mid;
+      up_to_high = count;
+    } else {
+      low = mid + 1;
+      below_low = count;
+    }
+    if (4 * (up_to_high - below_low) <= candidates) {
+      candidates = keep_in_range(work, candidates, low, high);
+      rank -= below_low;
+      up_to_high -= below_low;
+      below_low = 0;
+    }
+  }
+  return low;
+}
+
+// Writes one row of weights. Returns false when a scored element is not finite.
+bool bilevel_row(const float* scores, const bool* mask, float* out, int64_t T,
+                 const ReshapeParams& p, std::vector<float>& x, std::vector<float>& u,
+                 std::vector<int32_t>& cols) {
+  int32_t non_finite = 0;
+  const int64_t n = compact(scores, mask, T, x.data(), cols.data(), &non_finite);
   if (non_finite) return false;
   std::fill(out, out + T, 1.0f);
   if (n == 0) return true;
@@ -168,15 +298,11 @@ bool bilevel_row(const float* scores, const bool* mask, float* out, int64_t T,
   const double h = static_cast<double>(n - 1) * p.tau;
   const int64_t lo = std::min<int64_t>(static_cast<int64_t>(h), n - 1);
   const auto* bits = reinterpret_cast<const int32_t*>(u.data());
-  int32_t bits_lo = 0, bits_hi = 0x3f800000;
-  while (bits_lo < bits_hi) {
-    const int32_t mid = bits_lo + (bits_hi - bits_lo) / 2;
-    if (count_at_most(bits, n, mid) >= lo + 1) bits_hi = mid; else bits_lo = mid + 1;
-  }
+  // x is spent once u exists: reuse it as the selection's scratch.
+  const int32_t bits_lo = select_bits(bits, n, lo + 1, reinterpret_cast<int32_t*>(x.data()));
   const float v_lo = bits_to_float(bits_lo);
-  int32_t at_most = 0;
-  int32_t above = 0;
-  next_above(bits, n, bits_lo, &at_most, &above);
+  const int32_t at_most = count_at_most(bits, n, bits_lo);
+  const int32_t above = smallest_above(bits, n, bits_lo);
   const bool repeats = at_most > lo + 1 || above == std::numeric_limits<int32_t>::max();
   const float v_hi = repeats ? v_lo : bits_to_float(above);
   const float theta = static_cast<float>(v_lo + (h - static_cast<double>(lo)) * (v_hi - v_lo));
@@ -209,8 +335,8 @@ void bilevel_weights_into_cpu(const at::Tensor& scores, const at::Tensor& score_
   float* o = dst.mutable_data_ptr<float>();
   std::atomic<bool> all_finite{true};
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> x(T + 1), u(T + 1);
-    std::vector<int32_t> cols(T + 1);
+    std::vector<float> x(T + 8), u(T + 8);
+    std::vector<int32_t> cols(T + 8);
     for (int64_t b = begin; b < end; ++b) {
       if (!bilevel_row(s + b * T, m + b * T, o + b * T, T, params, x, u, cols)) {
         all_finite.store(false, std::memory_order_relaxed);
