@@ -11,6 +11,7 @@
 #include <immintrin.h>
 #endif
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <cmath>
 #include <limits>
@@ -225,7 +226,9 @@ int64_t keep_in_range_avx2(int32_t* bits, int64_t n, int32_t low, int32_t high) 
   return keep_in_range_scalar(bits, i, kept, n, low, high);
 }
 
-const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+// OAR_KERNELS_CPU_BASELINE=1 forces the portable loops (tests cover them on AVX2 machines).
+const bool kHasAvx2 = std::getenv("OAR_KERNELS_CPU_BASELINE") == nullptr &&
+                      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
 
 int64_t keep_in_range(int32_t* bits, int64_t n, int32_t low, int32_t high) {
   return kHasAvx2 ? keep_in_range_avx2(bits, n, low, high)
