@@ -77,7 +77,12 @@ inline float log1p_nonneg(float x) {
 
 OAR_SIMD_CLONES
 void unit_scores(const float* x, float* u, int64_t n, float c_min, float spread) {
-  for (int64_t i = 0; i < n; ++i) u[i] = (log1p_nonneg(x[i]) - c_min) / spread;
+  // A reciprocal is cheaper than a division per element; the clamp keeps u in [0, 1], which
+  // the bit-pattern selection relies on, whatever the last-place rounding.
+  const float inv_spread = 1.0f / spread;
+  for (int64_t i = 0; i < n; ++i) {
+    u[i] = std::min(std::max((log1p_nonneg(x[i]) - c_min) * inv_spread, 0.0f), 1.0f);
+  }
 }
 
 OAR_SIMD_CLONES
