@@ -176,26 +176,62 @@ def _logits_grad_triton(logits, targets, lse, entropy, grad_logprobs, grad_entro
 # ------------------------------------------------------------------------ chunked driver
 
 
-def _chunk_logits(hidden_rows, weight, bias):
+def chunk_logits(hidden_rows, weight, bias):
     logits = hidden_rows @ weight.T
     return logits if bias is None else logits.add_(bias)
 
 
+def row_chunks(rows: int, vocab: int, device: torch.device):
+    """Slices of at most `_chunk_rows` rows covering [0, rows)."""
+    step = _chunk_rows(rows, vocab, device)
+    return [slice(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
+def check_targets(targets: torch.Tensor, vocab: int) -> None:
+    # Checked inside op implementations, not in public wrappers: reading values would break a
+    # compiled graph.
+    if targets.numel() and not (0 <= int(targets.min()) and int(targets.max()) < vocab):
+        raise ValueError(f"targets must lie in [0, {vocab})")
+
+
+class LmHeadGrads:
+    """Accumulates d loss / d (hidden, weight, bias) from chunk logits gradients.
+
+    The weight (and bias) gradient sums over chunks in float32 (float64 for float64 inputs).
+    """
+
+    def __init__(self, hidden, weight, with_bias: bool):
+        acc = accumulation_dtype(weight.dtype)
+        self.hidden, self.weight = hidden, weight
+        # NaN-filled so a row the chunk walk missed cannot pass as a value.
+        self.grad_hidden = torch.full_like(hidden, float("nan"))
+        self.grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        self.grad_bias = torch.zeros(weight.shape[0] if with_bias else 0, dtype=acc,
+                                     device=weight.device)  # fmt: skip
+
+    def add(self, chunk: slice, logits_grad: torch.Tensor) -> None:
+        acc = self.grad_weight.dtype
+        self.grad_hidden[chunk] = logits_grad @ self.weight
+        # In place: a [V, H] temporary per chunk would cost as much as the logits we avoid.
+        self.grad_weight.addmm_(logits_grad.T.to(acc), self.hidden[chunk].to(acc))
+        if self.grad_bias.numel():
+            self.grad_bias += logits_grad.sum(dim=0, dtype=acc)
+
+    def result(self):
+        dtype = self.weight.dtype
+        return self.grad_hidden, self.grad_weight.to(dtype), self.grad_bias.to(dtype)
+
+
 def _forward(hidden, weight, targets, bias, temperature, return_entropy, fold):
     rows, vocab = hidden.shape[0], weight.shape[0]
+    check_targets(targets, vocab)
     acc = accumulation_dtype(hidden.dtype)
-    # Checked here, not in the public wrapper: reading values would break a compiled graph.
-    if rows and not (0 <= int(targets.min()) and int(targets.max()) < vocab):
-        raise ValueError(f"targets must lie in [0, {vocab})")
-    # NaN-filled (a cost of N elements) so a row the chunk walk missed cannot pass as a value.
     logprobs = hidden.new_full((rows,), float("nan"), dtype=acc)
     lse = torch.full_like(logprobs, float("nan"))
     entropy = hidden.new_full((rows if return_entropy else 0,), float("nan"), dtype=acc)
-    step = _chunk_rows(rows, vocab, hidden.device)
-    for start in range(0, rows, step):
-        chunk = slice(start, min(rows, start + step))
+    for chunk in row_chunks(rows, vocab, hidden.device):
         fold(
-            _chunk_logits(hidden[chunk], weight, bias), targets[chunk], temperature,
+            chunk_logits(hidden[chunk], weight, bias), targets[chunk], temperature,
             logprobs[chunk], lse[chunk], entropy[chunk] if return_entropy else None,
         )  # fmt: skip
     return logprobs, entropy, lse
@@ -203,26 +239,16 @@ def _forward(hidden, weight, targets, bias, temperature, return_entropy, fold):
 
 def _backward(grad_logprobs, grad_entropy, hidden, weight, targets, bias, lse, entropy,
               temperature, logits_grad):  # fmt: skip
-    rows, vocab = hidden.shape[0], weight.shape[0]
     with_entropy = grad_entropy.numel() > 0
-    grad_hidden = torch.full_like(hidden, float("nan"))
-    acc = accumulation_dtype(weight.dtype)
-    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-    grad_bias = torch.zeros(vocab if bias is not None else 0, dtype=acc, device=weight.device)
-    step = _chunk_rows(rows, vocab, hidden.device)
-    for start in range(0, rows, step):
-        chunk = slice(start, min(rows, start + step))
-        logits = _chunk_logits(hidden[chunk], weight, bias)
+    grads = LmHeadGrads(hidden, weight, bias is not None)
+    for chunk in row_chunks(hidden.shape[0], weight.shape[0], hidden.device):
+        logits = chunk_logits(hidden[chunk], weight, bias)
         logits_grad(
             logits, targets[chunk], lse[chunk], entropy[chunk] if with_entropy else None,
             grad_logprobs[chunk], grad_entropy[chunk] if with_entropy else None, temperature,
         )  # fmt: skip
-        grad_hidden[chunk] = logits @ weight
-        # In place: a [V, H] temporary per chunk would cost as much as the logits we avoid.
-        grad_weight.addmm_(logits.T.to(acc), hidden[chunk].to(acc))
-        if bias is not None:
-            grad_bias += logits.sum(dim=0, dtype=acc)
-    return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+        grads.add(chunk, logits)
+    return grads.result()
 
 
 # ------------------------------------------------------------------------ registration
@@ -233,19 +259,23 @@ CUDA_BACKEND = (
 )
 
 
-def _uses_triton(tensor: torch.Tensor) -> bool:
-    # The Triton steps compute in float32; float64 inputs (gradcheck) take the torch steps.
-    return triton is not None and tensor.is_cuda and tensor.dtype != torch.float64
+def chunk_steps(hidden: torch.Tensor):
+    """(fold, logits_grad) for the chunk steps on hidden's device and dtype.
+
+    The Triton steps compute in float32; float64 inputs (gradcheck) take the torch steps.
+    """
+    if triton is not None and hidden.is_cuda and hidden.dtype != torch.float64:
+        return _fold_triton, _logits_grad_triton
+    return _fold_torch, _logits_grad_torch
 
 
 def _token_logprobs_impl(hidden, weight, targets, bias, temperature, return_entropy):
-    fold = _fold_triton if _uses_triton(hidden) else _fold_torch
+    fold, _ = chunk_steps(hidden)
     return _forward(hidden, weight, targets, bias, temperature, return_entropy, fold)
 
 
 def _token_logprobs_backward_impl(*args):
-    hidden = args[2]
-    logits_grad = _logits_grad_triton if _uses_triton(hidden) else _logits_grad_torch
+    _, logits_grad = chunk_steps(args[2])
     return _backward(*args, logits_grad=logits_grad)
 
 
