@@ -1,5 +1,6 @@
 """token_logprobs: ours (chunked) vs full logits + log_softmax + gather, forward and
-forward+backward, with the peak memory each adds (measured in a fresh process).
+forward+backward; grpo_loss fused vs the unfused TRL formula on full logits; with the peak
+memory each adds (measured in a fresh process).
 
     pytest bench/test_bench_logprobs.py --benchmark-only
 """
@@ -27,7 +28,39 @@ def full_logits(hidden, weight, targets):
     return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
 
 
-IMPLS = {"full-logits": full_logits, "oar": ok.token_logprobs}
+def _loss_batch(hidden, targets):
+    """A GRPO batch of 8 sequences over the benchmark's rows: fixed advantages, mask, old."""
+    gen = torch.Generator(device=hidden.device).manual_seed(1)
+    shape = (8, hidden.shape[0] // 8)
+    advantages = torch.randn(shape, device=hidden.device, generator=gen)
+    mask = torch.rand(shape, device=hidden.device, generator=gen) < 0.9
+    old = torch.full(shape, -10.0, device=hidden.device) + torch.rand(shape, device=hidden.device, generator=gen)
+    return hidden.reshape(*shape, -1), targets.reshape(shape), advantages, mask, old
+
+
+def unfused_grpo_loss(hidden, weight, targets):
+    """TRL's path: full logits, log_softmax, gather, clipped surrogate, grpo aggregation."""
+    hidden, targets, advantages, mask, old = _loss_batch(hidden, targets)
+    logps = full_logits(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1))
+    ratio = torch.exp(logps.reshape(targets.shape) - old)
+    per_token = -torch.min(ratio * advantages, ratio.clamp(0.8, 1.2) * advantages)
+    m = mask.float()
+    return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+
+
+def fused_grpo_loss(hidden, weight, targets):
+    hidden, targets, advantages, mask, old = _loss_batch(hidden, targets)
+    return ok.grpo_loss(hidden, weight, targets, advantages, mask, old_logprobs=old).loss
+
+
+IMPLS = {
+    "full-logits": full_logits,
+    "oar": ok.token_logprobs,
+    "loss-unfused": unfused_grpo_loss,
+    "loss-oar-fused": fused_grpo_loss,
+}
+LOGPROB_IMPLS = ["full-logits", "oar"]
+LOSS_IMPLS = ["loss-unfused", "loss-oar-fused"]
 
 _PEAK_SCRIPT = """
 import json, os, sys, threading, time, torch, oar_kernels as ok
@@ -73,7 +106,7 @@ def peak_bytes(rows, width, vocab, impl):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("impl", LOGPROB_IMPLS)
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("rows, width, vocab", SHAPES, ids=[f"N{n}-H{h}-V{v}" for n, h, v in SHAPES])
 def test_token_logprobs(benchmark, impl, backward, rows, width, vocab):
@@ -93,6 +126,27 @@ def test_token_logprobs(benchmark, impl, backward, rows, width, vocab):
     benchmark.group = f"logprobs {'fwd+bwd' if backward else 'fwd'} N={rows} H={width} V={vocab}"
     benchmark.extra_info.update(impl=impl, baseline=impl == "full-logits")
     if backward and not benchmark.disabled:
+        benchmark.extra_info["peak_mb"] = peak_bytes(rows, width, vocab, impl) / 2**20
+    timed = synchronized(step, DEVICE)
+    timed()
+    benchmark.pedantic(timed, rounds=3, warmup_rounds=0)
+
+
+@pytest.mark.parametrize("impl", LOSS_IMPLS)
+@pytest.mark.parametrize("rows, width, vocab", SHAPES, ids=[f"N{n}-H{h}-V{v}" for n, h, v in SHAPES])
+def test_grpo_loss(benchmark, impl, rows, width, vocab):
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    hidden = torch.randn(rows, width, device=DEVICE, dtype=DTYPE, generator=gen).requires_grad_()
+    weight = (torch.randn(vocab, width, device=DEVICE, dtype=DTYPE, generator=gen) / width**0.5)
+    weight.requires_grad_()
+    targets = torch.randint(0, vocab, (rows,), device=DEVICE, generator=gen)
+
+    def step():
+        torch.autograd.grad(IMPLS[impl](hidden, weight, targets), (hidden, weight))
+
+    benchmark.group = f"grpo loss fwd+bwd N={rows} H={width} V={vocab}"
+    benchmark.extra_info.update(impl=impl, baseline=impl == "loss-unfused")
+    if not benchmark.disabled:
         benchmark.extra_info["peak_mb"] = peak_bytes(rows, width, vocab, impl) / 2**20
     timed = synchronized(step, DEVICE)
     timed()

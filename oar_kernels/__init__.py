@@ -9,7 +9,11 @@ from oar_kernels import _ops  # noqa: F401  (defines the oar:: schemas first)
 from oar_kernels import _extension  # noqa: F401  (then the C++ kernels register against them)
 from oar_kernels._info import info
 from oar_kernels.logprobs import token_logprobs
+from oar_kernels.loss import GRPOLoss, grpo_loss
 from oar_kernels.reshape import bilevel_weights, reshape_advantages
 
 __version__ = "0.1.0"
-__all__ = ["bilevel_weights", "info", "reshape_advantages", "token_logprobs", "__version__"]
+__all__ = [
+    "GRPOLoss",
+    "bilevel_weights",
+    "grpo_loss", "info", "reshape_advantages", "token_logprobs", "__version__"]

@@ -4,7 +4,7 @@ from importlib import metadata
 
 import torch
 
-from oar_kernels import _extension, logprobs, reshape
+from oar_kernels import _extension, logprobs, loss, reshape
 
 
 def _version(dist: str) -> str:
@@ -20,6 +20,7 @@ def backends() -> dict[str, dict[str, str]]:
         "bilevel_weights": reshape,
         "reshape_advantages": reshape,
         "token_logprobs": logprobs,
+        "grpo_loss": loss,
     }
     has_cuda = torch.cuda.is_available()
     return {

@@ -40,6 +40,34 @@ lib.define(
 )
 
 
+# SPEC section 7: the clipped surrogate through the lm head, gradients computed in the forward
+# (the loss is a scalar). Rows are tokens: hidden [N, H], targets/advantages/old/ref [N];
+# token_weight [N] is the loss_type's aggregation weight, metric_weight [N] the mask / count.
+# Returns loss [], metrics [3] (clip fraction, mean KL, mean ratio), logprobs [N] and the
+# gradients w.r.t. hidden, weight and bias (bias: [0] without one).
+lib.define(
+    "grpo_loss(Tensor hidden, Tensor weight, Tensor targets, Tensor advantages, "
+    "Tensor token_weight, Tensor metric_weight, Tensor? old_logprobs, Tensor? ref_logprobs, "
+    "Tensor? bias, float epsilon_low, float epsilon_high, float beta, float temperature) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+@torch.library.register_fake("oar::grpo_loss")
+def _grpo_loss_fake(hidden, weight, targets, advantages, token_weight, metric_weight,
+                    old_logprobs, ref_logprobs, bias, epsilon_low, epsilon_high, beta,
+                    temperature):  # fmt: skip
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    return (
+        hidden.new_empty((), dtype=acc),
+        hidden.new_empty(3, dtype=acc),
+        hidden.new_empty(hidden.shape[0], dtype=acc),
+        torch.empty_like(hidden),
+        torch.empty_like(weight),
+        weight.new_empty(weight.shape[0] if bias is not None else 0),
+    )
+
+
 @torch.library.register_fake("oar::token_logprobs")
 def _token_logprobs_fake(hidden, weight, targets, bias, temperature, return_entropy):
     rows = hidden.shape[0]

@@ -58,14 +58,17 @@ def token_logprobs_reference(hidden, weight, targets, *, bias=None, temperature=
 # ----------------------------------------------------------------- per-chunk torch steps
 
 
-def _scaled(logits, dtype, temperature):
-    """logits / temperature in `dtype`; may reuse the logits' memory (the chunk is scratch)."""
+def _scaled(logits, dtype, temperature, *, in_place):
+    """logits / temperature in `dtype`; in_place may reuse the logits' memory."""
     z = logits.to(dtype)
-    return z.div_(temperature) if temperature != 1.0 else z
+    if temperature == 1.0:
+        return z
+    return z.div_(temperature) if in_place else z / temperature
 
 
 def _fold_torch(logits, targets, temperature, logprobs, lse, entropy):
-    z = _scaled(logits, logprobs.dtype, temperature)
+    """Reads a chunk's logits (left intact: the fused loss turns them into gradients next)."""
+    z = _scaled(logits, logprobs.dtype, temperature, in_place=False)
     lse.copy_(torch.logsumexp(z, dim=1))
     logprobs.copy_(z.gather(1, targets[:, None]).squeeze(1) - lse)
     if entropy is not None:
@@ -75,7 +78,7 @@ def _fold_torch(logits, targets, temperature, logprobs, lse, entropy):
 
 def _logits_grad_torch(logits, targets, lse, entropy, grad_logprobs, grad_entropy, temperature):
     """Overwrites the chunk's logits with d(loss)/d(logits), using one extra chunk buffer."""
-    z = _scaled(logits, lse.dtype, temperature)
+    z = _scaled(logits, lse.dtype, temperature, in_place=True)
     p = torch.sub(z, lse[:, None]).exp_()
     if grad_entropy is not None:
         # dH/dz_j = -p_j (z_j - sum_k p_k z_k) and sum_k p_k z_k = lse - H.

@@ -1,0 +1,193 @@
+"""Fused GRPO loss through the lm head with per-token advantages (SPEC section 7).
+
+The loss is a scalar, so its gradient is computed in the forward (as Liger's chunked losses
+do): each chunk's logits are made once, folded to logprobs, turned into the logits gradient
+of the per-token loss, and reduced by two GEMMs into the hidden and weight gradients. No
+[N, V] logits, no recompute in the backward, which only scales the stored gradients.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from oar_kernels._checks import require_float_tensor, require_mask, require_real_in
+from oar_kernels._checks import require_same_device, require_tensor
+from oar_kernels import logprobs
+from oar_kernels._ops import lib
+from oar_kernels.logprobs import (
+    LmHeadGrads,
+    accumulation_dtype,
+    check_targets,
+    chunk_logits,
+    chunk_steps,
+    row_chunks,
+)
+
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+# The loss walks the same chunks with the same steps as token_logprobs.
+CPU_BACKEND = "fused: " + logprobs.CPU_BACKEND
+CUDA_BACKEND = "fused: " + logprobs.CUDA_BACKEND
+
+
+class GRPOLoss(NamedTuple):
+    loss: torch.Tensor  # [] differentiable w.r.t. hidden, weight and bias
+    clip_fraction: torch.Tensor  # [] share of masked tokens whose ratio was clipped
+    mean_kl: torch.Tensor  # [] masked mean of the k3 estimator (0 without ref_logprobs)
+    mean_ratio: torch.Tensor  # [] masked mean of pi / pi_old
+    logprobs: torch.Tensor  # [B, T] per-token logprobs (no grad), e.g. for logging
+
+
+def per_token_terms(logprobs, old_logprobs, ref_logprobs, advantages, eps_low, eps_high, beta):
+    """Per-token loss, its derivative w.r.t. logprobs, clipped flags, ratios and k3 ([N] each).
+
+    loss_t = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + beta k3, rho = exp(lp - old).
+    Where the clipped branch wins the loss is constant in lp; elsewhere d/dlp = -rho A.
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    clipped = ((ratio < 1 - eps_low) & (advantages < 0)) | ((ratio > 1 + eps_high) & (advantages > 0))
+    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - eps_low, 1 + eps_high) * advantages)
+    loss = -surrogate
+    dloss = torch.where(clipped, 0.0, -ratio * advantages)
+    if ref_logprobs is None:
+        return loss, dloss, clipped, ratio, torch.zeros_like(loss)
+    gap = torch.exp(ref_logprobs - logprobs)
+    k3 = gap - (ref_logprobs - logprobs) - 1
+    return loss + beta * k3, dloss + beta * (1 - gap), clipped, ratio, k3
+
+
+def _grpo_loss_impl(hidden, weight, targets, advantages, token_weight, metric_weight,
+                    old_logprobs, ref_logprobs, bias, epsilon_low, epsilon_high, beta,
+                    temperature):  # fmt: skip
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    check_targets(targets, vocab)
+    fold, logits_grad = chunk_steps(hidden)
+    acc = accumulation_dtype(hidden.dtype)
+    logprobs = hidden.new_full((rows,), float("nan"), dtype=acc)
+    lse = torch.empty_like(logprobs)
+    loss = hidden.new_zeros((), dtype=acc)
+    metrics = hidden.new_zeros(3, dtype=acc)
+    grads = LmHeadGrads(hidden, weight, bias is not None)
+    for chunk in row_chunks(rows, vocab, hidden.device):
+        logits = chunk_logits(hidden[chunk], weight, bias)
+        fold(logits, targets[chunk], temperature, logprobs[chunk], lse[chunk], None)
+        lp = logprobs[chunk]
+        old = lp if old_logprobs is None else old_logprobs[chunk].to(acc)
+        ref = None if ref_logprobs is None else ref_logprobs[chunk].to(acc)
+        terms, dterms, clipped, ratio, k3 = per_token_terms(
+            lp, old, ref, advantages[chunk].to(acc), epsilon_low, epsilon_high, beta
+        )
+        w = token_weight[chunk].to(acc)
+        loss += (w * terms).sum()
+        m = metric_weight[chunk].to(acc)
+        metrics += torch.stack([(m * clipped).sum(), (m * k3).sum(), (m * ratio).sum()])
+        logits_grad(logits, targets[chunk], lse[chunk], None, w * dterms, None, temperature)
+        grads.add(chunk, logits)
+    return (loss, metrics, logprobs, *grads.result())
+
+
+for _key in ("CPU", "CUDA"):
+    lib.impl("grpo_loss", _grpo_loss_impl, _key)
+
+
+def _setup_context(ctx, inputs, output):
+    *_, grad_hidden, grad_weight, grad_bias = output
+    ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+    ctx.has_bias = inputs[8] is not None
+
+
+def _backward(ctx, grad_loss, *_unused):
+    grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+    scale = grad_loss.to(grad_hidden.dtype)
+    return (
+        grad_hidden * scale, grad_weight * scale, None, None, None, None, None, None,
+        grad_bias * scale if ctx.has_bias else None, None, None, None, None,
+    )  # fmt: skip
+
+
+torch.library.register_autograd("oar::grpo_loss", _backward, setup_context=_setup_context)
+
+
+def _aggregation_weights(mask: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """[B, T] weights that turn per-token losses into the loss_type's scalar (TRL's names)."""
+    rows, length = mask.shape
+    if loss_type == "grpo":  # mean over each sequence's tokens, then over sequences
+        return mask / (mask.sum(dim=1, keepdim=True).clamp(min=1) * rows)
+    if loss_type in ("bnpo", "dapo"):  # sum over tokens / token count
+        return mask / mask.sum().clamp(min=1)
+    return mask / (rows * length)  # dr_grpo: sum / (B * max_len)
+
+
+def grpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    loss_type: str = "grpo",
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    temperature: float = 1.0,
+) -> GRPOLoss:
+    """Clipped GRPO surrogate (+ beta * k3 KL) straight from hidden states (SPEC section 7).
+
+    hidden: [B, T, H] hidden states that predict targets; weight: [V, H] lm head (same dtype);
+    targets: [B, T] int; advantages: [B] or [B, T] (per-token, e.g. from reshape_advantages);
+    mask: [B, T] bool/int, the completion tokens that count.
+    old_logprobs: [B, T] from the rollout policy (None: on-policy, ratio 1);
+    ref_logprobs: [B, T] from the reference model, needed when beta > 0.
+    loss_type: "grpo", "bnpo", "dapo" or "dr_grpo", aggregated as TRL does.
+    Returns GRPOLoss; loss.backward() reaches hidden, weight and bias.
+    """
+    require_float_tensor("hidden", hidden)
+    require_float_tensor("weight", weight)
+    if hidden.dim() != 3 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden must be [B, T, H] and weight [V, H] with the same H, got "
+            f"{tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    shape = hidden.shape[:2]
+    require_tensor("targets", targets)
+    if targets.is_floating_point() or targets.dtype == torch.bool or targets.shape != shape:
+        raise TypeError(f"targets must be an integer tensor of shape {tuple(shape)}")
+    require_float_tensor("advantages", advantages)
+    if advantages.shape not in (shape[:1], shape):
+        raise ValueError(f"advantages must be [B] or [B, T] for {tuple(shape)}, got "
+                         f"{tuple(advantages.shape)}")  # fmt: skip
+    mask = require_mask("mask", mask, shape)
+    for name, value in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if value is not None and (not value.is_floating_point() or value.shape != shape):
+            raise ValueError(f"{name} must be a float tensor of shape {tuple(shape)}")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype):
+        raise ValueError(f"bias must be [V]={weight.shape[0]} of dtype {weight.dtype}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    epsilon_low = require_real_in("epsilon_low", epsilon_low, 0.0, 1.0)
+    epsilon_high = require_real_in(
+        "epsilon_high", epsilon_low if epsilon_high is None else epsilon_high, 0.0
+    )
+    beta = require_real_in("beta", beta, 0.0)
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError("beta > 0 needs ref_logprobs")
+    temperature = require_real_in("temperature", temperature, 1e-6)
+    optional = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "bias": bias}
+    require_same_device(hidden=hidden, weight=weight, targets=targets, advantages=advantages,
+                        mask=mask, **{k: v for k, v in optional.items() if v is not None})  # fmt: skip
+
+    weights = mask.to(accumulation_dtype(hidden.dtype))
+    per_token_adv = advantages[:, None].expand(shape) if advantages.dim() == 1 else advantages
+    flat = lambda t: None if t is None else t.detach().reshape(-1)  # noqa: E731
+    loss, metrics, logprobs, *_ = torch.ops.oar.grpo_loss(
+        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(),
+        flat(per_token_adv), flat(_aggregation_weights(weights, loss_type)),
+        flat(weights / weights.sum().clamp(min=1)), flat(old_logprobs), flat(ref_logprobs),
+        bias, epsilon_low, epsilon_high, beta, temperature,
+    )  # fmt: skip
+    return GRPOLoss(loss, metrics[0], metrics[1], metrics[2], logprobs.reshape(shape))
