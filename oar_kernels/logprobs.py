@@ -25,9 +25,10 @@ except ImportError:
     triton = None
 
 # Bytes of chunk logits the driver keeps alive at once (float32 logits of rows x V).
-CHUNK_BYTES = {"cpu": 16 * 2**20, "cuda": 512 * 2**20}
-# Fewer rows than this make the GEMMs inefficient; large vocabularies may exceed the budget.
+CHUNK_BYTES = {"cpu": 8 * 2**20, "cuda": 512 * 2**20}
+# Fewer rows (columns) than this make the GEMMs inefficient; the budget may be exceeded.
 MIN_CHUNK_ROWS = 32
+MIN_CHUNK_COLS = 256
 BLOCK_V = 4096
 
 
@@ -86,7 +87,10 @@ def _logits_grad_torch(logits, targets, lse, entropy, grad_logprobs, grad_entrop
         grad.addcmul_(p, grad_logprobs[:, None], value=-1.0)
     else:
         grad = p.mul_(-grad_logprobs[:, None])
-    grad.scatter_add_(1, targets[:, None], grad_logprobs[:, None])
+    # Targets are relative to the chunk's first column; those outside it contribute nothing.
+    inside = (targets >= 0) & (targets < grad.shape[1])
+    grad.scatter_add_(1, targets.clamp(0, grad.shape[1] - 1)[:, None],
+                      (grad_logprobs * inside)[:, None])  # fmt: skip
     if temperature != 1.0:
         grad.div_(temperature)
     if grad.data_ptr() != logits.data_ptr():
@@ -190,6 +194,13 @@ def row_chunks(rows: int, vocab: int, device: torch.device):
     return [slice(start, min(rows, start + step)) for start in range(0, rows, step)]
 
 
+def vocab_chunks(rows: int, vocab: int, device: torch.device):
+    """Slices of vocabulary columns whose [rows, cols] float32 logits fit the budget."""
+    budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"])
+    step = max(1, min(vocab, max(MIN_CHUNK_COLS, budget // (4 * max(rows, 1)))))
+    return [slice(start, min(vocab, start + step)) for start in range(0, vocab, step)]
+
+
 def check_targets(targets: torch.Tensor, vocab: int) -> None:
     # Checked inside op implementations, not in public wrappers: reading values would break a
     # compiled graph.
@@ -240,18 +251,50 @@ def _forward(hidden, weight, targets, bias, temperature, return_entropy, fold):
     return logprobs, entropy, lse
 
 
+def _rows(tensor, chunk):
+    return None if tensor is None else tensor[chunk]
+
+
 def _backward(grad_logprobs, grad_entropy, hidden, weight, targets, bias, lse, entropy,
               temperature, logits_grad):  # fmt: skip
-    with_entropy = grad_entropy.numel() > 0
+    """Recomputes the logits chunk by chunk and reduces their gradient by two GEMMs.
+
+    Chunks run along whichever of rows and vocabulary is longer, so that the gradient summed
+    across chunks is the smaller one: d hidden [N, H] over vocabulary chunks when V >= N (the
+    usual case), d weight [V, H] over row chunks otherwise.
+    """
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    if grad_entropy.numel() == 0:
+        entropy = grad_entropy = None
+    if vocab >= rows:
+        return _backward_by_vocab(hidden, weight, targets, bias, logits_grad, lse, entropy,
+                                  grad_logprobs, grad_entropy, temperature)  # fmt: skip
     grads = LmHeadGrads(hidden, weight, bias is not None)
-    for chunk in row_chunks(hidden.shape[0], weight.shape[0], hidden.device):
+    for chunk in row_chunks(rows, vocab, hidden.device):
         logits = chunk_logits(hidden[chunk], weight, bias)
-        logits_grad(
-            logits, targets[chunk], lse[chunk], entropy[chunk] if with_entropy else None,
-            grad_logprobs[chunk], grad_entropy[chunk] if with_entropy else None, temperature,
-        )  # fmt: skip
+        logits_grad(logits, targets[chunk], lse[chunk], _rows(entropy, chunk),
+                    grad_logprobs[chunk], _rows(grad_entropy, chunk), temperature)  # fmt: skip
         grads.add(chunk, logits)
     return grads.result()
+
+
+def _backward_by_vocab(hidden, weight, targets, bias, logits_grad, lse, entropy, grad_logprobs,
+                       grad_entropy, temperature):  # fmt: skip
+    acc = accumulation_dtype(weight.dtype)
+    grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
+    # NaN-filled so a column range the chunk walk missed cannot pass as a value.
+    grad_weight = torch.full_like(weight, float("nan"))
+    grad_bias = torch.full((weight.shape[0] if bias is not None else 0,), float("nan"),
+                           dtype=weight.dtype, device=weight.device)  # fmt: skip
+    for cols in vocab_chunks(hidden.shape[0], weight.shape[0], hidden.device):
+        logits = chunk_logits(hidden, weight[cols], None if bias is None else bias[cols])
+        logits_grad(logits, targets - cols.start, lse, entropy, grad_logprobs, grad_entropy,
+                    temperature)  # fmt: skip
+        grad_hidden.addmm_(logits.to(acc), weight[cols].to(acc))
+        torch.mm(logits.T, hidden, out=grad_weight[cols])
+        if bias is not None:
+            grad_bias[cols] = logits.sum(dim=0, dtype=acc)
+    return grad_hidden.to(hidden.dtype), grad_weight, grad_bias
 
 
 # ------------------------------------------------------------------------ registration

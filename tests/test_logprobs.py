@@ -55,12 +55,16 @@ def _compare(ours, ref, dtype, name):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("bias", [False, True])
-def test_values_and_gradients_match_reference(device, dtype, temperature, bias, monkeypatch):
+@pytest.mark.parametrize("vocab", [97, 11], ids=["backward-by-vocab", "backward-by-rows"])
+def test_values_and_gradients_match_reference(device, dtype, temperature, bias, vocab,
+                                              monkeypatch):  # fmt: skip
     # A small chunk budget makes the driver walk several chunks and a ragged last one.
-    monkeypatch.setitem(logprobs.CHUNK_BYTES, device, 4 * 97 * 5)
+    monkeypatch.setitem(logprobs.CHUNK_BYTES, device, 4 * vocab * 5)
     monkeypatch.setattr(logprobs, "MIN_CHUNK_ROWS", 1)
-    assert logprobs._chunk_rows(23, 97, torch.device(device)) == 5
-    hidden, weight, targets, b = _problem(23, 16, 97, dtype, seed=1, device=device, bias=bias)
+    monkeypatch.setattr(logprobs, "MIN_CHUNK_COLS", 1)
+    assert logprobs._chunk_rows(23, vocab, torch.device(device)) == 5
+    assert len(logprobs.vocab_chunks(23, vocab, torch.device(device))) > 2
+    hidden, weight, targets, b = _problem(23, 16, vocab, dtype, seed=1, device=device, bias=bias)
     gen = torch.Generator().manual_seed(2)
     w_logp, w_ent = (torch.randn(23, generator=gen).to(device) for _ in range(2))
     ours = _run_ours(hidden, weight, targets, b, temperature, w_logp, w_ent)
@@ -82,8 +86,11 @@ def test_large_and_prime_vocab(vocab):
 
 @pytest.mark.parametrize("vocab", [97, 151936])
 @pytest.mark.parametrize("with_entropy", [False, True])
-def test_triton_chunk_steps_match_reference(vocab, with_entropy):
+def test_triton_chunk_steps_match_reference(vocab, with_entropy, monkeypatch):
     device = triton_device_or_skip(logprobs.triton)
+    # Backward over several vocabulary chunks (targets relative to each chunk's start).
+    monkeypatch.setattr(logprobs, "MIN_CHUNK_COLS", 1)
+    monkeypatch.setitem(logprobs.CHUNK_BYTES, device, 4 * 3 * (vocab // 3 + 1))
     hidden, weight, targets, bias = _problem(3, 8, vocab, torch.float32, seed=4, device=device,
                                              bias=True)  # fmt: skip
     temperature = 0.8
