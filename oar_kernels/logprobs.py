@@ -67,14 +67,49 @@ def _scaled(logits, dtype, temperature, *, in_place):
     return z.div_(temperature) if in_place else z / temperature
 
 
-def _fold_torch(logits, targets, temperature, logprobs, lse, entropy):
-    """Reads a chunk's logits (left intact: the fused loss turns them into gradients next)."""
-    z = _scaled(logits, logprobs.dtype, temperature, in_place=False)
-    lse.copy_(torch.logsumexp(z, dim=1))
-    logprobs.copy_(z.gather(1, targets[:, None]).squeeze(1) - lse)
-    if entropy is not None:
-        p = torch.sub(z, lse[:, None]).exp_()
-        entropy.copy_(lse - p.mul_(z).sum(dim=1))
+class FoldState:
+    """Per-row softmax statistics folded over column chunks: running max of z = logits / T,
+    sum of exp(z - max), sum of exp(z - max) * z (for the entropy) and the target's z."""
+
+    def __init__(self, rows: int, dtype: torch.dtype, device, with_entropy: bool, *, _views=None):
+        if _views is not None:
+            self.max, self.sum, self.dot, self.target = _views
+            return
+        self.max = torch.full((rows,), float("-inf"), dtype=dtype, device=device)
+        self.sum = torch.zeros(rows, dtype=dtype, device=device)
+        self.dot = torch.zeros(rows if with_entropy else 0, dtype=dtype, device=device)
+        # NaN until the chunk holding the target is folded: a missed one cannot pass as a value.
+        self.target = torch.full((rows,), float("nan"), dtype=dtype, device=device)
+
+    def rows(self, chunk: slice) -> "FoldState":
+        """A view of some rows; folding into it updates this state."""
+        dot = self.dot[chunk] if self.dot.numel() else self.dot
+        return FoldState(0, None, None, False, _views=(self.max[chunk], self.sum[chunk], dot,
+                                                        self.target[chunk]))  # fmt: skip
+
+    def finish(self, logprobs, lse, entropy=None) -> None:
+        torch.add(self.max, torch.log(self.sum), out=lse)
+        torch.sub(self.target, lse, out=logprobs)
+        if entropy is not None:
+            torch.sub(lse, self.dot / self.sum, out=entropy)
+
+
+def _fold_torch(logits, targets, temperature, state: FoldState):
+    """Folds a chunk of columns into `state`; targets are relative to the chunk's first column.
+
+    Reads the logits and leaves them intact (the fused loss turns them into gradients next).
+    """
+    z = _scaled(logits, state.max.dtype, temperature, in_place=False)
+    new_max = torch.maximum(state.max, z.amax(dim=1))
+    rescale = torch.exp(state.max - new_max)
+    e = torch.sub(z, new_max[:, None]).exp_()
+    state.sum.mul_(rescale).add_(e.sum(dim=1))
+    if state.dot.numel():
+        state.dot.mul_(rescale).add_(e.mul_(z).sum(dim=1))
+    state.max.copy_(new_max)
+    inside = (targets >= 0) & (targets < z.shape[1])
+    picked = z.gather(1, targets.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
+    state.target.copy_(torch.where(inside, picked, state.target))
 
 
 def _logits_grad_torch(logits, targets, lse, entropy, grad_logprobs, grad_entropy, temperature):
@@ -103,16 +138,18 @@ if triton is not None:
 
     @triton.jit
     def _fold_kernel(
-        logits_ptr, stride_row, targets_ptr, logprobs_ptr, lse_ptr, entropy_ptr, V, temperature,
-        WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+        logits_ptr, stride_row, targets_ptr, max_ptr, sum_ptr, dot_ptr, target_z_ptr, V,
+        temperature, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
     ):  # fmt: skip
-        """One program per row: online logsumexp (and sum p*z) over vocab tiles."""
+        """One program per row: folds a chunk of columns into the row's running statistics
+        (online logsumexp, and sum p*z for the entropy) over vocab tiles."""
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride_row
         cols = tl.arange(0, BLOCK_V)
-        run_max = tl.full((), float("-inf"), tl.float32)
-        run_sum = tl.zeros((), tl.float32)
-        run_dot = tl.zeros((), tl.float32)  # sum of exp(z - max) * z
+        run_max = tl.load(max_ptr + row)
+        run_sum = tl.load(sum_ptr + row)
+        if WITH_ENTROPY:
+            run_dot = tl.load(dot_ptr + row)  # sum of exp(z - max) * z
         for start in range(0, V, BLOCK_V):
             in_vocab = start + cols < V  # padded vocab columns read as -inf
             z = tl.load(base + start + cols, mask=in_vocab, other=float("-inf")).to(tl.float32)
@@ -124,13 +161,14 @@ if triton is not None:
             if WITH_ENTROPY:
                 run_dot = run_dot * rescale + tl.sum(e * tl.where(in_vocab, z, 0.0), axis=0)
             run_max = new_max
-        lse = run_max + tl.log(run_sum)
-        target = tl.load(targets_ptr + row)
-        z_target = tl.load(base + target).to(tl.float32) / temperature
-        tl.store(logprobs_ptr + row, z_target - lse)
-        tl.store(lse_ptr + row, lse)
+        tl.store(max_ptr + row, run_max)
+        tl.store(sum_ptr + row, run_sum)
         if WITH_ENTROPY:
-            tl.store(entropy_ptr + row, lse - run_dot / run_sum)
+            tl.store(dot_ptr + row, run_dot)
+        target = tl.load(targets_ptr + row)  # relative to this chunk's first column
+        inside = (target >= 0) & (target < V)
+        z_target = tl.load(base + target, mask=inside, other=0.0).to(tl.float32) / temperature
+        tl.store(target_z_ptr + row, z_target, mask=inside)
 
     @triton.jit
     def _logits_grad_kernel(
@@ -162,11 +200,11 @@ def _vocab_block(vocab: int) -> int:
     return min(BLOCK_V, triton.next_power_of_2(vocab))
 
 
-def _fold_triton(logits, targets, temperature, logprobs, lse, entropy):
-    with_entropy = entropy is not None
+def _fold_triton(logits, targets, temperature, state: FoldState):
+    with_entropy = state.dot.numel() > 0
     _fold_kernel[(logits.shape[0],)](
-        logits, logits.stride(0), targets, logprobs, lse, entropy if with_entropy else lse,
-        logits.shape[1], temperature,
+        logits, logits.stride(0), targets, state.max, state.sum,
+        state.dot if with_entropy else state.sum, state.target, logits.shape[1], temperature,
         WITH_ENTROPY=with_entropy, BLOCK_V=_vocab_block(logits.shape[1]),
     )  # fmt: skip
 
@@ -236,18 +274,24 @@ class LmHeadGrads:
         return self.grad_hidden, self.grad_weight.to(dtype), self.grad_bias.to(dtype)
 
 
-def _forward(hidden, weight, targets, bias, temperature, return_entropy, fold):
+def chunked_forward(hidden, weight, targets, bias, temperature, return_entropy, fold):
+    """Folds the logits chunk by chunk: over vocabulary chunks of all rows when V >= N (few
+    tall GEMMs), else over row chunks."""
     rows, vocab = hidden.shape[0], weight.shape[0]
     check_targets(targets, vocab)
     acc = accumulation_dtype(hidden.dtype)
-    logprobs = hidden.new_full((rows,), float("nan"), dtype=acc)
-    lse = torch.full_like(logprobs, float("nan"))
-    entropy = hidden.new_full((rows if return_entropy else 0,), float("nan"), dtype=acc)
-    for chunk in row_chunks(rows, vocab, hidden.device):
-        fold(
-            chunk_logits(hidden[chunk], weight, bias), targets[chunk], temperature,
-            logprobs[chunk], lse[chunk], entropy[chunk] if return_entropy else None,
-        )  # fmt: skip
+    state = FoldState(rows, acc, hidden.device, return_entropy)
+    if vocab >= rows:
+        for cols in vocab_chunks(rows, vocab, hidden.device):
+            logits = chunk_logits(hidden, weight[cols], None if bias is None else bias[cols])
+            fold(logits, targets - cols.start, temperature, state)
+    else:
+        for chunk in row_chunks(rows, vocab, hidden.device):
+            fold(chunk_logits(hidden[chunk], weight, bias), targets[chunk], temperature,
+                 state.rows(chunk))  # fmt: skip
+    logprobs, lse = torch.empty_like(state.max), torch.empty_like(state.max)
+    entropy = torch.empty_like(state.dot)
+    state.finish(logprobs, lse, entropy if return_entropy else None)
     return logprobs, entropy, lse
 
 
@@ -255,7 +299,7 @@ def _rows(tensor, chunk):
     return None if tensor is None else tensor[chunk]
 
 
-def _backward(grad_logprobs, grad_entropy, hidden, weight, targets, bias, lse, entropy,
+def chunked_backward(grad_logprobs, grad_entropy, hidden, weight, targets, bias, lse, entropy,
               temperature, logits_grad):  # fmt: skip
     """Recomputes the logits chunk by chunk and reduces their gradient by two GEMMs.
 
@@ -317,12 +361,12 @@ def chunk_steps(hidden: torch.Tensor):
 
 def _token_logprobs_impl(hidden, weight, targets, bias, temperature, return_entropy):
     fold, _ = chunk_steps(hidden)
-    return _forward(hidden, weight, targets, bias, temperature, return_entropy, fold)
+    return chunked_forward(hidden, weight, targets, bias, temperature, return_entropy, fold)
 
 
 def _token_logprobs_backward_impl(*args):
     _, logits_grad = chunk_steps(args[2])
-    return _backward(*args, logits_grad=logits_grad)
+    return chunked_backward(*args, logits_grad=logits_grad)
 
 
 for _key in ("CPU", "CUDA"):

@@ -1,9 +1,10 @@
 """Fused GRPO loss through the lm head with per-token advantages (SPEC section 7).
 
-The loss is a scalar, so its gradient is computed in the forward (as Liger's chunked losses
-do): each chunk's logits are made once, folded to logprobs, turned into the logits gradient
-of the per-token loss, and reduced by two GEMMs into the hidden and weight gradients. No
-[N, V] logits, no recompute in the backward, which only scales the stored gradients.
+The loss is a scalar, so its gradients are computed inside the op's forward: the chunked
+logprob walk of token_logprobs gives logprobs and logsumexps, the per-token surrogate gives
+d loss / d logprob in closed form, and the chunked gradient walk turns that into the hidden,
+weight and bias gradients. No [N, V] logits; the autograd backward only scales the stored
+gradients by the incoming gradient of the loss.
 """
 from __future__ import annotations
 
@@ -12,16 +13,14 @@ from typing import NamedTuple
 import torch
 
 from oar_kernels._checks import require_float_tensor, require_mask, require_real_in
-from oar_kernels._checks import require_same_device, require_tensor
 from oar_kernels import logprobs
+from oar_kernels._checks import require_same_device, require_tensor
 from oar_kernels._ops import lib
 from oar_kernels.logprobs import (
-    LmHeadGrads,
     accumulation_dtype,
-    check_targets,
-    chunk_logits,
     chunk_steps,
-    row_chunks,
+    chunked_backward,
+    chunked_forward,
 )
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
@@ -59,31 +58,23 @@ def per_token_terms(logprobs, old_logprobs, ref_logprobs, advantages, eps_low, e
 def _grpo_loss_impl(hidden, weight, targets, advantages, token_weight, metric_weight,
                     old_logprobs, ref_logprobs, bias, epsilon_low, epsilon_high, beta,
                     temperature):  # fmt: skip
-    rows, vocab = hidden.shape[0], weight.shape[0]
-    check_targets(targets, vocab)
     fold, logits_grad = chunk_steps(hidden)
-    acc = accumulation_dtype(hidden.dtype)
-    logprobs = hidden.new_full((rows,), float("nan"), dtype=acc)
-    lse = torch.empty_like(logprobs)
-    loss = hidden.new_zeros((), dtype=acc)
-    metrics = hidden.new_zeros(3, dtype=acc)
-    grads = LmHeadGrads(hidden, weight, bias is not None)
-    for chunk in row_chunks(rows, vocab, hidden.device):
-        logits = chunk_logits(hidden[chunk], weight, bias)
-        fold(logits, targets[chunk], temperature, logprobs[chunk], lse[chunk], None)
-        lp = logprobs[chunk]
-        old = lp if old_logprobs is None else old_logprobs[chunk].to(acc)
-        ref = None if ref_logprobs is None else ref_logprobs[chunk].to(acc)
-        terms, dterms, clipped, ratio, k3 = per_token_terms(
-            lp, old, ref, advantages[chunk].to(acc), epsilon_low, epsilon_high, beta
-        )
-        w = token_weight[chunk].to(acc)
-        loss += (w * terms).sum()
-        m = metric_weight[chunk].to(acc)
-        metrics += torch.stack([(m * clipped).sum(), (m * k3).sum(), (m * ratio).sum()])
-        logits_grad(logits, targets[chunk], lse[chunk], None, w * dterms, None, temperature)
-        grads.add(chunk, logits)
-    return (loss, metrics, logprobs, *grads.result())
+    logprobs, no_entropy, lse = chunked_forward(
+        hidden, weight, targets, bias, temperature, False, fold
+    )
+    acc = logprobs.dtype
+    old = logprobs if old_logprobs is None else old_logprobs.to(acc)
+    ref = None if ref_logprobs is None else ref_logprobs.to(acc)
+    terms, dterms, clipped, ratio, k3 = per_token_terms(
+        logprobs, old, ref, advantages.to(acc), epsilon_low, epsilon_high, beta
+    )
+    w, m = token_weight.to(acc), metric_weight.to(acc)
+    loss = (w * terms).sum()
+    metrics = torch.stack([(m * clipped).sum(), (m * k3).sum(), (m * ratio).sum()])
+    # The loss is linear in the per-token terms: its logprob gradient is w * d terms / d lp.
+    grads = chunked_backward(w * dterms, no_entropy, hidden, weight, targets, bias, lse,
+                              no_entropy, temperature, logits_grad)  # fmt: skip
+    return (loss, metrics, logprobs, *grads)
 
 
 for _key in ("CPU", "CUDA"):

@@ -94,7 +94,7 @@ def test_triton_chunk_steps_match_reference(vocab, with_entropy, monkeypatch):
     hidden, weight, targets, bias = _problem(3, 8, vocab, torch.float32, seed=4, device=device,
                                              bias=True)  # fmt: skip
     temperature = 0.8
-    lp, ent, lse = logprobs._forward(
+    lp, ent, lse = logprobs.chunked_forward(
         hidden, weight, targets, bias, temperature, with_entropy, logprobs._fold_triton
     )
     ref_lp, ref_ent = token_logprobs_reference(hidden.cpu(), weight.cpu(), targets.cpu(),
@@ -104,9 +104,9 @@ def test_triton_chunk_steps_match_reference(vocab, with_entropy, monkeypatch):
         assert_verbose_allclose(ent, ref_ent, rtol=1e-5, atol=1e-5, name="triton entropy")
     g_lp = torch.linspace(-1, 1, 3, device=device)
     g_ent = torch.linspace(0.5, -0.5, 3, device=device) if with_entropy else g_lp.new_empty(0)
-    got = logprobs._backward(g_lp, g_ent, hidden, weight, targets, bias, lse, ent, temperature,
+    got = logprobs.chunked_backward(g_lp, g_ent, hidden, weight, targets, bias, lse, ent, temperature,
                              logits_grad=logprobs._logits_grad_triton)  # fmt: skip
-    want = logprobs._backward(g_lp, g_ent, hidden, weight, targets, bias, lse, ent, temperature,
+    want = logprobs.chunked_backward(g_lp, g_ent, hidden, weight, targets, bias, lse, ent, temperature,
                               logits_grad=logprobs._logits_grad_torch)  # fmt: skip
     for name, a, b in zip(("d hidden", "d weight", "d bias"), got, want):
         assert_verbose_allclose(a, b, rtol=1e-5, atol=1e-6, name=f"triton {name}")

@@ -73,6 +73,7 @@ def test_matches_unfused_reference(device, dtype, loss_type, with_bias, with_kl,
                                    monkeypatch):  # fmt: skip
     monkeypatch.setitem(logprobs.CHUNK_BYTES, device, 4 * 53 * 4)  # several chunks
     monkeypatch.setattr(logprobs, "MIN_CHUNK_ROWS", 1)
+    monkeypatch.setattr(logprobs, "MIN_CHUNK_COLS", 1)
     b = _batch(dtype, device, per_token=per_token)
     kwargs = dict(
         old_logprobs=b["old"], ref_logprobs=b["ref"] if with_kl else None,
