@@ -226,6 +226,15 @@ def chunk_logits(hidden_rows, weight, bias):
     return logits if bias is None else logits.add_(bias)
 
 
+def add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b. Half-precision products stay half-precision GEMMs (tensor cores); each
+    chunk's product is rounded once and the sum over chunks is kept in acc's float32."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc += a @ b
+
+
 def row_chunks(rows: int, vocab: int, device: torch.device):
     """Slices of at most `_chunk_rows` rows covering [0, rows)."""
     step = _chunk_rows(rows, vocab, device)
@@ -265,7 +274,7 @@ class LmHeadGrads:
         acc = self.grad_weight.dtype
         self.grad_hidden[chunk] = logits_grad @ self.weight
         # In place: a [V, H] temporary per chunk would cost as much as the logits we avoid.
-        self.grad_weight.addmm_(logits_grad.T.to(acc), self.hidden[chunk].to(acc))
+        add_matmul(self.grad_weight, logits_grad.T, self.hidden[chunk])
         if self.grad_bias.numel():
             self.grad_bias += logits_grad.sum(dim=0, dtype=acc)
 
@@ -334,7 +343,7 @@ def _backward_by_vocab(hidden, weight, targets, bias, logits_grad, lse, entropy,
         logits = chunk_logits(hidden, weight[cols], None if bias is None else bias[cols])
         logits_grad(logits, targets - cols.start, lse, entropy, grad_logprobs, grad_entropy,
                     temperature)  # fmt: skip
-        grad_hidden.addmm_(logits.to(acc), weight[cols].to(acc))
+        add_matmul(grad_hidden, logits, weight[cols])
         torch.mm(logits.T, hidden, out=grad_weight[cols])
         if bias is not None:
             grad_bias[cols] = logits.sum(dim=0, dtype=acc)
