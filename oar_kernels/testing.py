@@ -90,6 +90,18 @@ def triton_device_or_skip(triton_module) -> str:
     return "cpu"
 
 
+def assert_python_passes(code: str, **env: str) -> None:
+    """Runs `code` in a fresh interpreter with extra environment variables (for settings read
+    at import or load time) and fails with its stderr if it does."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
 def synchronized(fn, device: str):
     """Wraps `fn` so that CUDA work finishes inside the call (for benchmarks)."""
     if torch.device(device).type != "cuda":

@@ -1,9 +1,9 @@
-import os
 import subprocess
 import sys
 
 import oar_kernels as ok
 from oar_kernels import _info, cli
+from oar_kernels.testing import assert_python_passes
 
 
 def test_info_names_every_op_and_backend(capsys):
@@ -33,9 +33,7 @@ def test_without_extension_cpu_falls_back_to_torch_path():
         "w = ok.bilevel_weights(torch.tensor([[0.0, 1.0, 3.0]]), torch.ones(1, 3, dtype=torch.bool))\n"
         "assert abs(w.mean().item() - 1) < 1e-6 and w[0, 0] < w[0, 2]\n"
     )
-    env = {**os.environ, "OAR_KERNELS_NO_EXTENSION": "1"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    assert_python_passes(code, OAR_KERNELS_NO_EXTENSION="1")
 
 
 def test_reshape_demo_runs_and_preserves_mass(capsys):

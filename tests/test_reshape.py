@@ -1,9 +1,5 @@
 """Bi-Level reshape: every path against the float64 reference (SPEC section 6)."""
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -14,6 +10,7 @@ import oar_kernels as ok
 from oar_kernels import _extension, reshape
 from oar_kernels.testing import (
     SCORE_KINDS,
+    assert_python_passes,
     assert_verbose_allclose,
     paper_numpy_weights,
     random_ragged_scores,
@@ -315,6 +312,4 @@ def test_cpp_portable_loops_match_reference():
         "    assert_verbose_allclose(out, reshape.bilevel_weights_reference(s, m, tau=0.3),\n"
         "                            rtol=1e-4, atol=1e-5, name=kind)\n"
     )
-    env = {**os.environ, "OAR_KERNELS_CPU_BASELINE": "1"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    assert_python_passes(code, OAR_KERNELS_CPU_BASELINE="1")
