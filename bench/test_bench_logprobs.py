@@ -53,13 +53,33 @@ def fused_grpo_loss(hidden, weight, targets):
     return ok.grpo_loss(hidden, weight, targets, advantages, mask, old_logprobs=old).loss
 
 
+def trl_chunked(hidden, weight, targets):
+    """TRL's ChunkedLogProbFunction as its GRPOTrainer calls it (vocab chunk 32768), logprobs
+    only. Requires the `bench` extra (trl)."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    return ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 32768, None, 1.0, ())[0]
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 IMPLS = {
     "full-logits": full_logits,
     "oar": ok.token_logprobs,
+    "trl-chunked": trl_chunked,
     "loss-unfused": unfused_grpo_loss,
     "loss-oar-fused": fused_grpo_loss,
 }
-LOGPROB_IMPLS = ["full-logits", "oar"]
+LOGPROB_IMPLS = [
+    "full-logits",
+    "oar",
+    pytest.param("trl-chunked", marks=pytest.mark.skipif(
+        not _importable("trl"), reason="trl is not installed (pip install '.[bench]')")),
+]  # fmt: skip
 LOSS_IMPLS = ["loss-unfused", "loss-oar-fused"]
 
 _PEAK_SCRIPT = """
