@@ -5,10 +5,11 @@ device, the per-chunk "fold" (logits -> logprob, logsumexp, entropy) and "logits
 steps as torch code (CPU) and Triton kernels (CUDA), and the registration of
 `oar::token_logprobs` with its autograd.
 
-The driver walks row chunks: a chunk's logits (rows x V) are made by one GEMM, folded to three
-numbers per row, and dropped. The backward recomputes them and turns them into the logits
-gradient in place, then two GEMMs give the hidden and weight gradients; the weight gradient
-is accumulated over chunks in float32.
+The forward walks chunks of logits (vocabulary chunks of all rows when V >= N, else row
+chunks): each is made by one GEMM, folded into per-row running softmax statistics
+(FoldState) and dropped. The backward recomputes each chunk, turns it into the logits
+gradient in place, and two GEMMs reduce it into the hidden and weight gradients, summed over
+chunks in float32. No chunk exceeds CHUNK_BYTES of float32 logits (bar the minimum sizes).
 """
 from __future__ import annotations
 
