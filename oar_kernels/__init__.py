@@ -8,6 +8,7 @@ The README has the math and examples; `oar_kernels.info()` lists the active back
 from oar_kernels import _ops  # noqa: F401  (defines the oar:: schemas first)
 from oar_kernels import _extension  # noqa: F401  (then the C++ kernels register against them)
 from oar_kernels._info import info
+from oar_kernels.importance import gradient_importance
 from oar_kernels.logprobs import token_logprobs
 from oar_kernels.loss import GRPOLoss, grpo_loss
 from oar_kernels.reshape import bilevel_weights, reshape_advantages
@@ -16,4 +17,5 @@ __version__ = "0.1.0"
 __all__ = [
     "GRPOLoss",
     "bilevel_weights",
+    "gradient_importance",
     "grpo_loss", "info", "reshape_advantages", "token_logprobs", "__version__"]

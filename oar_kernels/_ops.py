@@ -53,6 +53,16 @@ lib.define(
 )
 
 
+# SPEC section 5: OAR-G saliency |sum_h grad * embeds| on score_mask, 0 elsewhere.
+# grad, embeds [B, T, H] float; score_mask [B, T] bool. Returns [B, T] float32.
+lib.define("saliency(Tensor grad, Tensor embeds, Tensor score_mask) -> Tensor")
+
+
+@torch.library.register_fake("oar::saliency")
+def _saliency_fake(grad, embeds, score_mask):
+    return score_mask.new_empty(score_mask.shape, dtype=torch.float32)
+
+
 @torch.library.register_fake("oar::grpo_loss")
 def _grpo_loss_fake(hidden, weight, targets, advantages, token_weight, metric_weight,
                     old_logprobs, ref_logprobs, bias, epsilon_low, epsilon_high, beta,

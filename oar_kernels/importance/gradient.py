@@ -1,0 +1,257 @@
+"""OAR-G: input-gradient importance for a whole batch in one pass (SPEC sections 2, 3, 5).
+
+One forward of the decoder on the (noised) input embeddings, the outcome objective from the
+outcome positions' hidden states only (no [B, T, V] logits), one input-only backward
+(`torch.autograd.grad`; parameters are frozen for the pass and parameter `.grad` is never
+touched), then the saliency |sum_h g * e| on the scored tokens. Rows are independent, so the
+summed objective gives every row's gradient at once.
+
+Also here: the `oar::saliency` op (reference, torch, Triton) for that last reduction.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from oar_kernels._checks import require_mask, require_real_in, require_tensor
+from oar_kernels._ops import lib
+from oar_kernels.logprobs import token_logprobs
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+MODES = ("answer_joint", "answer_mean", "last")
+
+# ------------------------------------------------------------------ saliency reduction
+
+
+def saliency_reference(grad, embeds, score_mask):
+    """Float64 |sum_h g * e| on score_mask, 0 elsewhere: [B, T] float64."""
+    dot = (grad.double() * embeds.double()).sum(-1).abs()
+    return torch.where(score_mask, dot, 0.0)
+
+
+def _saliency_torch(grad, embeds, score_mask):
+    # float64 inputs (tests' float64 models) keep float64 sums; the result is float32.
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    dot = torch.linalg.vecdot(grad.to(acc), embeds.to(acc)).abs()
+    return torch.where(score_mask, dot, 0.0).float()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _saliency_kernel(grad_ptr, embeds_ptr, mask_ptr, out_ptr, H, BLOCK_H: tl.constexpr):
+        """One program per token: a float32 dot product over the hidden size."""
+        token = tl.program_id(0).to(tl.int64)
+        # An unscored token reads nothing: its row is empty.
+        width = tl.where(tl.load(mask_ptr + token) != 0, H, 0)
+        cols = tl.arange(0, BLOCK_H)
+        total = tl.zeros((BLOCK_H,), tl.float32)
+        for start in range(0, H, BLOCK_H):
+            inside = start + cols < width
+            g = tl.load(grad_ptr + token * H + start + cols, mask=inside, other=0.0)
+            e = tl.load(embeds_ptr + token * H + start + cols, mask=inside, other=0.0)
+            total += g.to(tl.float32) * e.to(tl.float32)
+        tl.store(out_ptr + token, tl.abs(tl.sum(total, axis=0)))
+
+
+def _saliency_triton(grad, embeds, score_mask):
+    grad, embeds = grad.contiguous(), embeds.contiguous()
+    out = torch.empty(score_mask.shape, dtype=torch.float32, device=grad.device)
+    tokens, width = out.numel(), grad.shape[-1]
+    if tokens:
+        _saliency_kernel[(tokens,)](
+            grad, embeds, score_mask.contiguous().view(torch.uint8), out, width,
+            BLOCK_H=min(1024, triton.next_power_of_2(width)),
+        )  # fmt: skip
+    return out
+
+
+lib.impl("saliency", _saliency_torch, "CPU")
+def _saliency_cuda(grad, embeds, score_mask):
+    use_triton = triton is not None and grad.dtype != torch.float64
+    return (_saliency_triton if use_triton else _saliency_torch)(grad, embeds, score_mask)
+
+
+lib.impl("saliency", _saliency_cuda, "CUDA")
+SALIENCY_BACKENDS = {
+    "cpu": "torch",
+    "cuda": "triton" if triton is not None else "torch (triton not installed)",
+}
+
+# ------------------------------------------------------------------ outcome objectives
+
+
+def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions follow the attention mask (SPEC section 2): left padding changes nothing."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _outcome_positions(attention_mask, answer_mask, mode):
+    """Per row, the position whose logits `last` reads, and whether the row uses `last`
+    (mode == "last", or no answer span). Returns ([B] long, [B] bool)."""
+    has_answer = answer_mask.any(dim=1)
+    uses_last = ~has_answer if mode != "last" else torch.ones_like(has_answer)
+    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    first_answer = torch.where(answer_mask, columns, attention_mask.shape[1]).amin(dim=1)
+    last_real = torch.where(attention_mask.bool(), columns, -1).amax(dim=1)
+    # `last` reads z_{a0 - 1}, the logits predicting the first answer token; without an
+    # answer span, the logits of the last real token.
+    last_pos = torch.where(has_answer, first_answer - 1, last_real)
+    return last_pos, uses_last
+
+
+def _freeze_parameters(model):
+    """Context: parameters require no grad during the pass, and are restored after."""
+
+    @contextlib.contextmanager
+    def frozen():
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        for p, _ in flags:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+    return frozen()
+
+
+def _decode(model, embeds, attention_mask):
+    out = model.get_decoder()(
+        inputs_embeds=embeds, attention_mask=attention_mask,
+        position_ids=position_ids_from(attention_mask), use_cache=False,
+    )  # fmt: skip
+    return out.last_hidden_state
+
+
+def _lm_head(model):
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def _answer_logprob_mean(model, hidden, input_ids, answer_mask):
+    """phi per row: mean over answer tokens t of log p(x_t | h_{t-1}) ([B])."""
+    weight, bias = _lm_head(model)
+    rows, cols = answer_mask[:, 1:].nonzero(as_tuple=True)
+    cols = cols + 1  # answer token t is predicted at t - 1
+    logp = token_logprobs(hidden[rows, cols - 1], weight, input_ids[rows, cols], bias=bias)
+    total = torch.zeros(answer_mask.shape[0], dtype=logp.dtype, device=logp.device)
+    total = total.index_add(0, rows, logp)
+    return total / answer_mask[:, 1:].sum(dim=1).clamp(min=1)
+
+
+def _outcome_log_distribution(model, hidden, answer_mask, mode, last_pos, uses_last):
+    """log P per row ([B, V]): softmax of the mean answer logits (answer_mean) or of the
+    logits at last_pos (last, and rows without an answer span)."""
+    weight, bias = _lm_head(model)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    logits = torch.nn.functional.linear(hidden[rows, last_pos], weight, bias)
+    if mode == "answer_mean":
+        # mean_t z_{t-1} = lm_head(mean_t h_{t-1}): the head is affine, so average first.
+        predicting = answer_mask[:, 1:].to(hidden.dtype)
+        mean_hidden = (predicting[..., None] * hidden[:, :-1]).sum(1)
+        mean_hidden = mean_hidden / predicting.sum(1, keepdim=True).clamp(min=1)
+        mean_logits = torch.nn.functional.linear(mean_hidden, weight, bias)
+        logits = torch.where(uses_last[:, None], logits, mean_logits)
+    return torch.log_softmax(logits.float() if logits.dtype != torch.float64 else logits, -1)
+
+
+def _objective(model, input_ids, attention_mask, answer_mask, mode, clean_log_p, noisy_hidden,
+               last_pos, uses_last):  # fmt: skip
+    """Sum over rows of J (SPEC section 5), differentiable through noisy_hidden."""
+    total = 0.0
+    if clean_log_p is not None:  # KL(P(x) || P_{e+eps}(x)) for KL rows
+        noisy_log_p = _outcome_log_distribution(model, noisy_hidden, answer_mask, mode, last_pos,
+                                                uses_last)  # fmt: skip
+        kl = (clean_log_p.exp() * (clean_log_p - noisy_log_p)).sum(-1)
+        kl_rows = uses_last if mode == "answer_joint" else torch.ones_like(uses_last)
+        total = total + torch.where(kl_rows, kl, 0.0).sum()
+    if mode == "answer_joint":  # phi(x) - phi_{e+eps}(x); phi(x) is constant in e
+        phi = _answer_logprob_mean(model, noisy_hidden, input_ids, answer_mask)
+        total = total - torch.where(uses_last, 0.0, phi).sum()
+    return total
+
+
+def _gradient_importance_batch(model, input_ids, attention_mask, score_mask, answer_mask, mode,
+                               noise):  # fmt: skip
+    embeds = model.get_input_embeddings()(input_ids).detach()
+    last_pos, uses_last = _outcome_positions(attention_mask, answer_mask, mode)
+    needs_kl = mode != "answer_joint" or bool(uses_last.any())
+    clean_log_p = None
+    if needs_kl:
+        with torch.no_grad():
+            clean_hidden = _decode(model, embeds, attention_mask)
+            clean_log_p = _outcome_log_distribution(model, clean_hidden, answer_mask, mode,
+                                                    last_pos, uses_last)  # fmt: skip
+    leaf = embeds.clone().requires_grad_()
+    noisy = leaf + noise * score_mask[..., None].to(noise.dtype)
+    hidden = _decode(model, noisy.to(embeds.dtype), attention_mask)
+    objective = _objective(model, input_ids, attention_mask, answer_mask, mode, clean_log_p,
+                           hidden, last_pos, uses_last)  # fmt: skip
+    (grad,) = torch.autograd.grad(objective, leaf)
+    return torch.ops.oar.saliency(grad, embeds, score_mask)
+
+
+def _row_groups(rows: int, width: int, max_batch_tokens: int | None):
+    """Consecutive row ranges whose padded token count stays within the budget."""
+    per_group = rows if max_batch_tokens is None else max(1, max_batch_tokens // max(width, 1))
+    return [slice(start, min(rows, start + per_group)) for start in range(0, rows, per_group)]
+
+
+def gradient_importance(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    score_mask: torch.Tensor,
+    answer_mask: torch.Tensor | None = None,
+    *,
+    mode: str = "answer_joint",
+    noise_std: float = 1e-3,
+    generator: torch.Generator | None = None,
+    max_batch_tokens: int | None = None,
+    _noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """OAR-G token importance for a padded batch (SPEC section 5).
+
+    model: a Hugging Face causal LM (get_input_embeddings, get_decoder, get_output_embeddings).
+    input_ids, attention_mask, score_mask, answer_mask: [B, T]; left or right padding.
+    mode: "answer_joint" (phi = mean answer logprob), "answer_mean" or "last" (KL of the
+    outcome distribution); rows without an answer span use "last".
+    noise_std: sigma of the Gaussian noise on scored embeddings (0 allowed in answer_joint).
+    generator: seeds the noise. max_batch_tokens: micro-batch rows so that rows x T stays under it.
+    Returns [B, T] float32 scores, 0 outside score_mask. Parameter .grad is never touched.
+    """
+    require_tensor("input_ids", input_ids)
+    if input_ids.dim() != 2 or input_ids.is_floating_point():
+        raise ValueError(f"input_ids must be an integer [B, T] tensor, got {tuple(input_ids.shape)}")
+    shape = input_ids.shape
+    attention_mask = require_mask("attention_mask", attention_mask, shape)
+    score_mask = require_mask("score_mask", score_mask, shape)
+    answer_mask = (torch.zeros_like(score_mask) if answer_mask is None
+                   else require_mask("answer_mask", answer_mask, shape))  # fmt: skip
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    noise_std = require_real_in("noise_std", noise_std, 0.0)
+    if noise_std == 0 and mode != "answer_joint":
+        raise ValueError(f"noise_std must be > 0 in mode {mode!r}: the KL's gradient is 0 at 0")
+    embed = model.get_input_embeddings()
+    width = embed.weight.shape[1]
+    if _noise is None:
+        gen_device = generator.device if generator is not None else input_ids.device
+        _noise = torch.randn((*shape, width), generator=generator, device=gen_device,
+                             dtype=torch.float32).to(input_ids.device) * noise_std  # fmt: skip
+    scores = torch.zeros(shape, dtype=torch.float32, device=input_ids.device)
+    with _freeze_parameters(model), torch.enable_grad():
+        for rows in _row_groups(shape[0], shape[1], max_batch_tokens):
+            scores[rows] = _gradient_importance_batch(
+                model, input_ids[rows], attention_mask[rows].long(), score_mask[rows],
+                answer_mask[rows], mode, _noise[rows].to(embed.weight.dtype),
+            )  # fmt: skip
+    return scores
