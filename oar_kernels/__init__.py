@@ -11,11 +11,19 @@ from oar_kernels._info import info
 from oar_kernels.importance import gradient_importance
 from oar_kernels.logprobs import token_logprobs
 from oar_kernels.loss import GRPOLoss, grpo_loss
+from oar_kernels.pipeline import OARAdvantages, oar_advantages
 from oar_kernels.reshape import bilevel_weights, reshape_advantages
 
 __version__ = "0.1.0"
 __all__ = [
     "GRPOLoss",
+    "OARAdvantages",
     "bilevel_weights",
     "gradient_importance",
-    "grpo_loss", "info", "reshape_advantages", "token_logprobs", "__version__"]
+    "grpo_loss",
+    "info",
+    "oar_advantages",
+    "reshape_advantages",
+    "token_logprobs",
+    "__version__",
+]

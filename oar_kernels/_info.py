@@ -5,6 +5,7 @@ from importlib import metadata
 import torch
 
 from oar_kernels import _extension, logprobs, loss, reshape
+from oar_kernels.importance import gradient
 
 
 def _version(dist: str) -> str:
@@ -21,6 +22,7 @@ def backends() -> dict[str, dict[str, str]]:
         "reshape_advantages": reshape,
         "token_logprobs": logprobs,
         "grpo_loss": loss,
+        "saliency": gradient,
     }
     has_cuda = torch.cuda.is_available()
     return {

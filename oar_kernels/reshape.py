@@ -298,17 +298,33 @@ _register_bilevel_weights(
 )
 
 
-def _reshape_advantages_impl(advantages, scores, score_mask, tau, beta, floor, preserve_mass):
+def weigh_advantages(advantages, weights):
+    """A_{b,t} = A_b * w_{b,t} as float32 [B, T]; advantages [B] or [B, T], finite."""
     require_finite("advantages", advantages)
-    weights = torch.ops.oar.bilevel_weights(scores, score_mask, tau, beta, floor, preserve_mass)
     per_row = advantages.to(torch.float32)
     return weights * (per_row.unsqueeze(1) if per_row.dim() == 1 else per_row)
+
+
+def _reshape_advantages_impl(advantages, scores, score_mask, tau, beta, floor, preserve_mass):
+    weights = torch.ops.oar.bilevel_weights(scores, score_mask, tau, beta, floor, preserve_mass)
+    return weigh_advantages(advantages, weights)
 
 
 lib.impl("reshape_advantages", _reshape_advantages_impl, "CompositeExplicitAutograd")
 
 
 # -------------------------------------------------------------------------- public API
+
+
+def check_advantages(advantages, like: torch.Tensor) -> None:
+    """advantages must be a float [B] or [B, T] tensor on the device of `like` ([B, T])."""
+    require_float_tensor("advantages", advantages)
+    B, T = like.shape
+    if advantages.shape not in ((B,), (B, T)):
+        raise ValueError(
+            f"advantages must be [B]={B} or [B, T]={(B, T)}, got {tuple(advantages.shape)}"
+        )
+    require_same_device(advantages=advantages, scores=like)
 
 
 def bilevel_weights(
@@ -352,13 +368,7 @@ def reshape_advantages(
     scores, mask, tau, beta, floor, preserve_mass = _check_args(
         scores, score_mask, tau, beta, floor, preserve_mass
     )
-    require_float_tensor("advantages", advantages)
-    B, T = scores.shape
-    if advantages.shape not in ((B,), (B, T)):
-        raise ValueError(
-            f"advantages must be [B]={B} or [B, T]={(B, T)}, got {tuple(advantages.shape)}"
-        )
-    require_same_device(advantages=advantages, scores=scores)
+    check_advantages(advantages, scores)
     return torch.ops.oar.reshape_advantages(
         advantages.detach(), scores, mask, tau, beta, floor, preserve_mass
     )

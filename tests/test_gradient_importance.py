@@ -191,3 +191,43 @@ def test_saliency_triton_kernel_matches_reference():
     got = gradient._saliency_triton(grad, embeds, mask)  # H > one 1024 block: a loop
     assert_verbose_allclose(got, gradient.saliency_reference(grad, embeds, mask), rtol=1e-4,
                             atol=1e-4)  # fmt: skip
+
+
+# ------------------------------------------------------------------------ the pipeline
+
+
+def _plain_old_logprobs(model, ids, attn):
+    """What a GRPO trainer computes anyway: a forward with full logits, log_softmax, gather."""
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn.long(),
+                       position_ids=gradient.position_ids_from(attn)).logits  # fmt: skip
+    logp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+    valid = attn[:, 1:] & attn[:, :-1]
+    return torch.where(valid, logp, 0.0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_oar_advantages_equals_composing_the_parts(mode):
+    model = tiny_model("qwen2")
+    ids, attn, score, answer, *_ = ragged_batch(seed=9, left_pad=True)
+    per_seq = torch.tensor([1.0, -0.5, 0.25, -2.0])
+    out = ok.oar_advantages(model, ids, attn, score, answer, per_seq, mode=mode,
+                            generator=torch.Generator().manual_seed(3), tau=0.3)  # fmt: skip
+    noise_std = 0.0 if mode == "answer_joint" else 1e-3
+    scores = ok.gradient_importance(model, ids, attn, score, answer, mode=mode,
+                                    noise_std=noise_std,
+                                    generator=torch.Generator().manual_seed(3))  # fmt: skip
+    assert torch.equal(out.scores, scores)
+    assert torch.equal(out.weights, ok.bilevel_weights(scores, score, tau=0.3))
+    assert torch.equal(out.advantages, ok.reshape_advantages(per_seq, scores, score, tau=0.3))
+    assert_verbose_allclose(out.old_logprobs[:, 1:], _plain_old_logprobs(model, ids, attn),
+                            rtol=1e-4, atol=1e-5, name="old logprobs")  # fmt: skip
+
+
+def test_oar_advantages_rejects_unknown_method_and_bad_advantages():
+    model = tiny_model("llama")
+    ids, attn, score, answer, *_ = ragged_batch(seed=0, left_pad=False)
+    with pytest.raises(ValueError, match="method"):
+        ok.oar_advantages(model, ids, attn, score, answer, torch.ones(4), method="perturbation")
+    with pytest.raises(ValueError, match="advantages"):
+        ok.oar_advantages(model, ids, attn, score, answer, torch.ones(3))

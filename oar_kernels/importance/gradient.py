@@ -79,10 +79,8 @@ def _saliency_cuda(grad, embeds, score_mask):
 
 
 lib.impl("saliency", _saliency_cuda, "CUDA")
-SALIENCY_BACKENDS = {
-    "cpu": "torch",
-    "cuda": "triton" if triton is not None else "torch (triton not installed)",
-}
+CPU_BACKEND = "torch"
+CUDA_BACKEND = "triton" if triton is not None else "torch (triton not installed)"
 
 # ------------------------------------------------------------------ outcome objectives
 
@@ -179,30 +177,92 @@ def _objective(model, input_ids, attention_mask, answer_mask, mode, clean_log_p,
     return total
 
 
+def _sequence_logprobs(model, hidden, input_ids, attention_mask):
+    """log p(x_t | x_<t) at every real token with a real predecessor, 0 elsewhere ([B, T])."""
+    weight, bias = _lm_head(model)
+    with torch.no_grad():
+        logp = token_logprobs(hidden[:, :-1].detach(), weight, input_ids[:, 1:], bias=bias)
+    valid = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    out[:, 1:] = torch.where(valid, logp, 0.0)
+    return out
+
+
 def _gradient_importance_batch(model, input_ids, attention_mask, score_mask, answer_mask, mode,
-                               noise):  # fmt: skip
+                               noise, want_old_logprobs):  # fmt: skip
+    """Scores [B, T] and, if asked, the clean per-token logprobs [B, T] of the same pass."""
     embeds = model.get_input_embeddings()(input_ids).detach()
     last_pos, uses_last = _outcome_positions(attention_mask, answer_mask, mode)
     needs_kl = mode != "answer_joint" or bool(uses_last.any())
-    clean_log_p = None
-    if needs_kl:
+    noiseless = not bool(noise.any())
+    clean_hidden = clean_log_p = None
+    # The clean forward exists for the KL's P(x); without noise the grad forward is clean too.
+    if needs_kl or (want_old_logprobs and not noiseless):
         with torch.no_grad():
             clean_hidden = _decode(model, embeds, attention_mask)
-            clean_log_p = _outcome_log_distribution(model, clean_hidden, answer_mask, mode,
-                                                    last_pos, uses_last)  # fmt: skip
+    if needs_kl:
+        clean_log_p = _outcome_log_distribution(model, clean_hidden, answer_mask, mode, last_pos,
+                                                uses_last)  # fmt: skip
     leaf = embeds.clone().requires_grad_()
     noisy = leaf + noise * score_mask[..., None].to(noise.dtype)
     hidden = _decode(model, noisy.to(embeds.dtype), attention_mask)
     objective = _objective(model, input_ids, attention_mask, answer_mask, mode, clean_log_p,
                            hidden, last_pos, uses_last)  # fmt: skip
     (grad,) = torch.autograd.grad(objective, leaf)
-    return torch.ops.oar.saliency(grad, embeds, score_mask)
+    scores = torch.ops.oar.saliency(grad, embeds, score_mask)
+    old_logprobs = None
+    if want_old_logprobs:
+        source = hidden if clean_hidden is None else clean_hidden
+        old_logprobs = _sequence_logprobs(model, source, input_ids, attention_mask)
+    return scores, old_logprobs
 
 
 def _row_groups(rows: int, width: int, max_batch_tokens: int | None):
     """Consecutive row ranges whose padded token count stays within the budget."""
     per_group = rows if max_batch_tokens is None else max(1, max_batch_tokens // max(width, 1))
     return [slice(start, min(rows, start + per_group)) for start in range(0, rows, per_group)]
+
+
+def _check_batch(input_ids, attention_mask, score_mask, answer_mask, mode, noise_std):
+    require_tensor("input_ids", input_ids)
+    if input_ids.dim() != 2 or input_ids.is_floating_point():
+        raise ValueError(f"input_ids must be an integer [B, T] tensor, got {tuple(input_ids.shape)}")
+    shape = input_ids.shape
+    attention_mask = require_mask("attention_mask", attention_mask, shape)
+    score_mask = require_mask("score_mask", score_mask, shape)
+    answer_mask = (torch.zeros_like(score_mask) if answer_mask is None
+                   else require_mask("answer_mask", answer_mask, shape))  # fmt: skip
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    noise_std = require_real_in("noise_std", noise_std, 0.0)
+    if noise_std == 0 and mode != "answer_joint":
+        raise ValueError(f"noise_std must be > 0 in mode {mode!r}: the KL's gradient is 0 at 0")
+    return attention_mask, score_mask, answer_mask, noise_std
+
+
+def run_gradient_importance(model, input_ids, attention_mask, score_mask, answer_mask, *, mode,
+                            noise_std, generator, max_batch_tokens, noise, want_old_logprobs):  # fmt: skip
+    """Validated batch -> (scores [B, T] float32, old logprobs [B, T] float32 or None)."""
+    attention_mask, score_mask, answer_mask, noise_std = _check_batch(
+        input_ids, attention_mask, score_mask, answer_mask, mode, noise_std
+    )
+    shape = input_ids.shape
+    embed = model.get_input_embeddings()
+    if noise is None:
+        gen_device = generator.device if generator is not None else input_ids.device
+        noise = torch.randn((*shape, embed.weight.shape[1]), generator=generator,
+                            device=gen_device).to(input_ids.device) * noise_std  # fmt: skip
+    scores = torch.zeros(shape, dtype=torch.float32, device=input_ids.device)
+    old = torch.zeros_like(scores) if want_old_logprobs else None
+    with _freeze_parameters(model), torch.enable_grad():
+        for rows in _row_groups(shape[0], shape[1], max_batch_tokens):
+            scores[rows], old_rows = _gradient_importance_batch(
+                model, input_ids[rows], attention_mask[rows].long(), score_mask[rows],
+                answer_mask[rows], mode, noise[rows].to(embed.weight.dtype), want_old_logprobs,
+            )  # fmt: skip
+            if old is not None:
+                old[rows] = old_rows
+    return scores, old
 
 
 def gradient_importance(
@@ -228,30 +288,9 @@ def gradient_importance(
     generator: seeds the noise. max_batch_tokens: micro-batch rows so that rows x T stays under it.
     Returns [B, T] float32 scores, 0 outside score_mask. Parameter .grad is never touched.
     """
-    require_tensor("input_ids", input_ids)
-    if input_ids.dim() != 2 or input_ids.is_floating_point():
-        raise ValueError(f"input_ids must be an integer [B, T] tensor, got {tuple(input_ids.shape)}")
-    shape = input_ids.shape
-    attention_mask = require_mask("attention_mask", attention_mask, shape)
-    score_mask = require_mask("score_mask", score_mask, shape)
-    answer_mask = (torch.zeros_like(score_mask) if answer_mask is None
-                   else require_mask("answer_mask", answer_mask, shape))  # fmt: skip
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    noise_std = require_real_in("noise_std", noise_std, 0.0)
-    if noise_std == 0 and mode != "answer_joint":
-        raise ValueError(f"noise_std must be > 0 in mode {mode!r}: the KL's gradient is 0 at 0")
-    embed = model.get_input_embeddings()
-    width = embed.weight.shape[1]
-    if _noise is None:
-        gen_device = generator.device if generator is not None else input_ids.device
-        _noise = torch.randn((*shape, width), generator=generator, device=gen_device,
-                             dtype=torch.float32).to(input_ids.device) * noise_std  # fmt: skip
-    scores = torch.zeros(shape, dtype=torch.float32, device=input_ids.device)
-    with _freeze_parameters(model), torch.enable_grad():
-        for rows in _row_groups(shape[0], shape[1], max_batch_tokens):
-            scores[rows] = _gradient_importance_batch(
-                model, input_ids[rows], attention_mask[rows].long(), score_mask[rows],
-                answer_mask[rows], mode, _noise[rows].to(embed.weight.dtype),
-            )  # fmt: skip
+    scores, _ = run_gradient_importance(
+        model, input_ids, attention_mask, score_mask, answer_mask, mode=mode,
+        noise_std=noise_std, generator=generator, max_batch_tokens=max_batch_tokens,
+        noise=_noise, want_old_logprobs=False,
+    )  # fmt: skip
     return scores

@@ -1,0 +1,62 @@
+"""`oar_advantages`: per-token advantages for a GRPO batch in one pass (SPEC section 8)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from oar_kernels import reshape
+from oar_kernels.importance.gradient import run_gradient_importance
+
+METHODS = ("gradient",)  # "perturbation" (OAR-P) arrives with issue 5
+
+
+@dataclass
+class OARAdvantages:
+    advantages: torch.Tensor  # [B, T] float32 per-token advantages A_b * w_bt
+    scores: torch.Tensor  # [B, T] float32 importance, 0 outside score_mask
+    weights: torch.Tensor  # [B, T] float32 Bi-Level weights, 1 outside score_mask
+    old_logprobs: torch.Tensor  # [B, T] float32 log p(x_t | x_<t) of the unperturbed input
+
+
+def oar_advantages(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    score_mask: torch.Tensor,
+    answer_mask: torch.Tensor | None,
+    advantages: torch.Tensor,
+    *,
+    method: str = "gradient",
+    mode: str = "answer_joint",
+    noise_std: float | None = None,
+    generator: torch.Generator | None = None,
+    max_batch_tokens: int | None = None,
+    tau: float = reshape.TAU,
+    beta: float = reshape.BETA,
+    floor: float = reshape.FLOOR,
+    preserve_mass: bool = True,
+) -> OARAdvantages:
+    """Importance, Bi-Level weights, per-token advantages and old logprobs for a GRPO batch.
+
+    In answer_joint mode one forward with grad on the input embeddings yields both phi and
+    the per-token old logprobs the GRPO step needs anyway, and one input-only backward yields
+    the saliency. noise_std defaults to 0 there (so the old logprobs are exact; SPEC section 5
+    allows it) and to 1e-3 in the KL modes, whose clean forward gives the old logprobs.
+    advantages: [B] (GRPO's per-sequence advantages) or [B, T]. Other arguments as in
+    `gradient_importance` and `reshape_advantages`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if noise_std is None:
+        noise_std = 0.0 if mode == "answer_joint" else 1e-3
+    scores, old_logprobs = run_gradient_importance(
+        model, input_ids, attention_mask, score_mask, answer_mask, mode=mode,
+        noise_std=noise_std, generator=generator, max_batch_tokens=max_batch_tokens,
+        noise=None, want_old_logprobs=True,
+    )  # fmt: skip
+    reshape.check_advantages(advantages, scores)
+    weights = reshape.bilevel_weights(scores, score_mask, tau=tau, beta=beta, floor=floor,
+                                      preserve_mass=preserve_mass)  # fmt: skip
+    return OARAdvantages(reshape.weigh_advantages(advantages.detach(), weights), scores, weights,
+                         old_logprobs)  # fmt: skip
