@@ -39,7 +39,7 @@ def bench_batch(rows):
 
 def paper_loop(model, ids, attn, score, answer):
     """One rollout at a time, full logits, `.backward()` on the model (as the paper's code)."""
-    scores = torch.zeros(ids.shape)
+    scores = torch.zeros(ids.shape, device=ids.device)
     embed = model.get_input_embeddings()
     for r in range(ids.shape[0]):
         n = int(attn[r].sum())
