@@ -90,6 +90,16 @@ def triton_device_or_skip(triton_module) -> str:
     return "cpu"
 
 
+def check_bad_call(case) -> None:
+    """Runs one row of a bad-input table, (id, call, exception type, message regex): the call
+    must raise that exception with a message naming the argument."""
+    import pytest
+
+    _, call, error, message = case
+    with pytest.raises(error, match=message):
+        call()
+
+
 def assert_python_passes(code: str, **env: str) -> None:
     """Runs `code` in a fresh interpreter with extra environment variables (for settings read
     at import or load time) and fails with its stderr if it does."""

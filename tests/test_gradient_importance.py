@@ -8,7 +8,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 import oar_kernels as ok
 from oar_kernels.importance import gradient
-from oar_kernels.testing import assert_verbose_allclose, device_params, triton_device_or_skip
+from oar_kernels.testing import (
+    assert_verbose_allclose,
+    check_bad_call,
+    device_params,
+    triton_device_or_skip,
+)
 
 VOCAB, WIDTH = 61, 32
 MODES = ["answer_joint", "answer_mean", "last"]
@@ -164,9 +169,7 @@ def _bad_calls():
 
 @pytest.mark.parametrize("case", _bad_calls(), ids=lambda c: c[0])
 def test_bad_input_raises_clear_error(case):
-    _, call, error, message = case
-    with pytest.raises(error, match=message):
-        call()
+    check_bad_call(case)
 
 
 # ------------------------------------------------------------------- saliency reduction

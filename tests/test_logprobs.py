@@ -6,7 +6,12 @@ import torch
 import oar_kernels as ok
 from oar_kernels import logprobs
 from oar_kernels.logprobs import token_logprobs_reference
-from oar_kernels.testing import assert_verbose_allclose, device_params, triton_device_or_skip
+from oar_kernels.testing import (
+    assert_verbose_allclose,
+    check_bad_call,
+    device_params,
+    triton_device_or_skip,
+)
 
 CUDA = torch.cuda.is_available()
 # (rtol, atol) of values and gradients against float64, per input dtype.
@@ -175,6 +180,4 @@ def _bad_calls():
 
 @pytest.mark.parametrize("case", _bad_calls(), ids=lambda c: c[0])
 def test_bad_input_raises_clear_error(case):
-    _, call, error, message = case
-    with pytest.raises(error, match=message):
-        call()
+    check_bad_call(case)

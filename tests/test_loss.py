@@ -6,7 +6,12 @@ import torch
 import oar_kernels as ok
 from oar_kernels import logprobs
 from oar_kernels import loss as loss_module
-from oar_kernels.testing import assert_verbose_allclose, device_params, triton_device_or_skip
+from oar_kernels.testing import (
+    assert_verbose_allclose,
+    check_bad_call,
+    device_params,
+    triton_device_or_skip,
+)
 
 TOLERANCE = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (5e-2, 5e-3), torch.float64: (1e-9, 1e-12)}
 
@@ -178,9 +183,7 @@ def _bad_calls():
 
 @pytest.mark.parametrize("case", _bad_calls(), ids=lambda c: c[0])
 def test_bad_input_raises_clear_error(case):
-    _, call, error, message = case
-    with pytest.raises(error, match=message):
-        call()
+    check_bad_call(case)
 
 
 def test_triton_chunk_steps_in_the_fused_loss(monkeypatch):

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 import oar_kernels as ok
 from oar_kernels import _extension, reshape
 from oar_kernels.testing import (
+    check_bad_call,
     SCORE_KINDS,
     assert_python_passes,
     assert_verbose_allclose,
@@ -244,9 +245,7 @@ def _bad_calls():
 
 @pytest.mark.parametrize("case", _bad_calls(), ids=lambda c: c[0])
 def test_bad_input_raises_clear_error(case):
-    _, call, error, message = case
-    with pytest.raises(error, match=message):
-        call()
+    check_bad_call(case)
 
 
 def test_nan_outside_score_mask_is_ignored():
