@@ -4,6 +4,7 @@ and the overhead of `oar_advantages` over the plain old-logprob forward a GRPO s
 
     pytest bench/test_bench_importance.py --benchmark-only
 """
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -19,9 +20,15 @@ BATCHES = [8, 32]
 
 def bench_model():
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=688,
-                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-                         max_position_embeddings=LENGTH)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=LENGTH,
+    )
     return LlamaForCausalLM(config).to(DEVICE).eval()
 
 
@@ -69,8 +76,9 @@ def plain_forward(model, ids, attn, score, answer):
 IMPLS = {
     "paper-loop": paper_loop,
     "batched": lambda m, *b: ok.gradient_importance(m, *b, generator=torch.Generator(DEVICE)),
-    "oar_advantages": lambda m, *b: ok.oar_advantages(m, *b, torch.ones(b[0].shape[0],
-                                                                        device=DEVICE)),
+    "oar_advantages": lambda m, *b: ok.oar_advantages(
+        m, *b, torch.ones(b[0].shape[0], device=DEVICE)
+    ),
     "plain-forward": plain_forward,
 }
 

@@ -4,6 +4,7 @@ memory each adds (measured in a fresh process).
 
     pytest bench/test_bench_logprobs.py --benchmark-only
 """
+
 import json
 import subprocess
 import sys
@@ -17,7 +18,9 @@ from oar_kernels.testing import synchronized
 CUDA = torch.cuda.is_available()
 # CPU shapes are scaled down (2 cores); CUDA rows use the issue's training shapes.
 SHAPES = (
-    [(16384, 4096, 151936), (2048, 1024, 32000)] if CUDA else [(2048, 256, 32000), (512, 256, 151936)]
+    [(16384, 4096, 151936), (2048, 1024, 32000)]
+    if CUDA
+    else [(2048, 256, 32000), (512, 256, 151936)]
 )
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
@@ -34,7 +37,9 @@ def _loss_batch(hidden, targets):
     shape = (8, hidden.shape[0] // 8)
     advantages = torch.randn(shape, device=hidden.device, generator=gen)
     mask = torch.rand(shape, device=hidden.device, generator=gen) < 0.9
-    old = torch.full(shape, -10.0, device=hidden.device) + torch.rand(shape, device=hidden.device, generator=gen)
+    old = torch.full(shape, -10.0, device=hidden.device) + torch.rand(
+        shape, device=hidden.device, generator=gen
+    )
     return hidden.reshape(*shape, -1), targets.reshape(shape), advantages, mask, old
 
 
@@ -77,9 +82,13 @@ IMPLS = {
 LOGPROB_IMPLS = [
     "full-logits",
     "oar",
-    pytest.param("trl-chunked", marks=pytest.mark.skipif(
-        not _importable("trl"), reason="trl is not installed (pip install '.[bench]')")),
-]  # fmt: skip
+    pytest.param(
+        "trl-chunked",
+        marks=pytest.mark.skipif(
+            not _importable("trl"), reason="trl is not installed (pip install '.[bench]')"
+        ),
+    ),
+]
 LOSS_IMPLS = ["loss-unfused", "loss-oar-fused"]
 
 _PEAK_SCRIPT = """
@@ -128,7 +137,9 @@ def peak_bytes(rows, width, vocab, impl):
 
 @pytest.mark.parametrize("impl", LOGPROB_IMPLS)
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("rows, width, vocab", SHAPES, ids=[f"N{n}-H{h}-V{v}" for n, h, v in SHAPES])
+@pytest.mark.parametrize(
+    "rows, width, vocab", SHAPES, ids=[f"N{n}-H{h}-V{v}" for n, h, v in SHAPES]
+)
 def test_token_logprobs(benchmark, impl, backward, rows, width, vocab):
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     hidden = torch.randn(rows, width, device=DEVICE, dtype=DTYPE, generator=gen)
@@ -153,11 +164,13 @@ def test_token_logprobs(benchmark, impl, backward, rows, width, vocab):
 
 
 @pytest.mark.parametrize("impl", LOSS_IMPLS)
-@pytest.mark.parametrize("rows, width, vocab", SHAPES, ids=[f"N{n}-H{h}-V{v}" for n, h, v in SHAPES])
+@pytest.mark.parametrize(
+    "rows, width, vocab", SHAPES, ids=[f"N{n}-H{h}-V{v}" for n, h, v in SHAPES]
+)
 def test_grpo_loss(benchmark, impl, rows, width, vocab):
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     hidden = torch.randn(rows, width, device=DEVICE, dtype=DTYPE, generator=gen).requires_grad_()
-    weight = (torch.randn(vocab, width, device=DEVICE, dtype=DTYPE, generator=gen) / width**0.5)
+    weight = torch.randn(vocab, width, device=DEVICE, dtype=DTYPE, generator=gen) / width**0.5
     weight.requires_grad_()
     targets = torch.randint(0, vocab, (rows,), device=DEVICE, generator=gen)
 

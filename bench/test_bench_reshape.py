@@ -1,7 +1,8 @@
 """Bi-Level reshape speed: the paper-style numpy loop vs our torch, C++ and Triton paths.
 
-    pytest bench/ --benchmark-only
+pytest bench/ --benchmark-only
 """
+
 import pytest
 import torch
 

@@ -5,8 +5,11 @@
 
 The README has the math and examples; `oar_kernels.info()` lists the active backends.
 """
-from oar_kernels import _ops  # noqa: F401  (defines the oar:: schemas first)
-from oar_kernels import _extension  # noqa: F401  (then the C++ kernels register against them)
+
+from oar_kernels import (
+    _extension,  # noqa: F401  (then the C++ kernels register against them)
+    _ops,  # noqa: F401  (defines the oar:: schemas first)
+)
 from oar_kernels._info import info
 from oar_kernels.importance import gradient_importance
 from oar_kernels.logprobs import token_logprobs

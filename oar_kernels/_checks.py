@@ -1,4 +1,5 @@
 """Argument checks shared by every public op: each error names the argument at fault."""
+
 import math
 import numbers
 

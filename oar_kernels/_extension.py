@@ -1,4 +1,5 @@
 """Loads the optional C++ extension in one place and remembers why it did or did not load."""
+
 import os
 
 LOADED = False

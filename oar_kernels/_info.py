@@ -1,4 +1,5 @@
 """What is installed and which kernel each op runs on each device."""
+
 import platform
 from importlib import metadata
 
@@ -26,9 +27,16 @@ def backends() -> dict[str, dict[str, str]]:
     }
     has_cuda = torch.cuda.is_available()
     return {
-        op: {"cpu": module.CPU_BACKEND, "cuda": module.CUDA_BACKEND if has_cuda else "no CUDA device"}
+        op: {
+            "cpu": module.CPU_BACKEND,
+            "cuda": module.CUDA_BACKEND if has_cuda else "no CUDA device",
+        }
         for op, module in families.items()
     }
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "unavailable"
 
 
 def report() -> str:
@@ -38,7 +46,7 @@ def report() -> str:
         f"torch       {torch.__version__}",
         f"triton      {_version('triton')}",
         f"numpy       {_version('numpy')}",
-        f"cuda        {torch.cuda.get_device_name() if torch.cuda.is_available() else 'unavailable'}",
+        f"cuda        {_device_name()}",
         f"extension   {_extension.STATUS}",
         "ops:",
     ]

@@ -4,6 +4,7 @@ Implementations are registered per device elsewhere: the C++ extension (csrc/) f
 it is built, otherwise the vectorized torch path; Triton for CUDA. Because the schemas live
 here, `torch.ops.oar.*` exists and traces under `torch.compile` even without the extension.
 """
+
 import torch
 
 lib = torch.library.Library("oar", "DEF")
@@ -25,10 +26,10 @@ lib.define(
 )
 
 
-# SPEC section 7/8: per-token log pi(target | hidden) through the lm head without [N, V]
-# logits. hidden [N, H], weight [V, H], targets [N] int, bias [V] or None. Returns fp32
-# (fp64 for fp64 inputs) logprobs [N], entropy ([N], or [0] when not asked for) and the logsumexp [N] that the
-# backward reuses.
+# SPEC sections 7-8: per-token log pi(target | hidden) through the lm head without [N, V]
+# logits. hidden [N, H], weight [V, H], targets [N] int, bias [V] or None. Returns float32
+# (float64 for float64 inputs) logprobs [N], entropy ([N], or [0] when not asked for) and
+# the logsumexp [N] that the backward reuses.
 lib.define(
     "token_logprobs(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, "
     "float temperature, bool return_entropy) -> (Tensor, Tensor, Tensor)"
@@ -64,9 +65,21 @@ def _saliency_fake(grad, embeds, score_mask):
 
 
 @torch.library.register_fake("oar::grpo_loss")
-def _grpo_loss_fake(hidden, weight, targets, advantages, token_weight, metric_weight,
-                    old_logprobs, ref_logprobs, bias, epsilon_low, epsilon_high, beta,
-                    temperature):  # fmt: skip
+def _grpo_loss_fake(
+    hidden,
+    weight,
+    targets,
+    advantages,
+    token_weight,
+    metric_weight,
+    old_logprobs,
+    ref_logprobs,
+    bias,
+    epsilon_low,
+    epsilon_high,
+    beta,
+    temperature,
+):
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     return (
         hidden.new_empty((), dtype=acc),

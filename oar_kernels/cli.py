@@ -1,4 +1,5 @@
 """The `oar-kernels` command."""
+
 import argparse
 import sys
 

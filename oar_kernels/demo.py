@@ -4,6 +4,7 @@ Synthetic rollouts: each row is prompt + reasoning + answer; a few reasoning tok
 most of the importance (as OAR-G/OAR-P scores do). Prints the per-token advantages of a
 few rows, then times the reshape on a training-sized batch on this machine.
 """
+
 import time
 
 import torch

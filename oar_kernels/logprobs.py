@@ -11,12 +11,17 @@ chunks): each is made by one GEMM, folded into per-row running softmax statistic
 gradient in place, and two GEMMs reduce it into the hidden and weight gradients, summed over
 chunks in float32. No chunk exceeds CHUNK_BYTES of float32 logits (bar the minimum sizes).
 """
+
 from __future__ import annotations
 
 import torch
 
-from oar_kernels._checks import require_float_tensor, require_real_in, require_same_device
-from oar_kernels._checks import require_tensor
+from oar_kernels._checks import (
+    require_float_tensor,
+    require_real_in,
+    require_same_device,
+    require_tensor,
+)
 from oar_kernels._ops import lib
 
 try:
@@ -85,8 +90,9 @@ class FoldState:
     def rows(self, chunk: slice) -> "FoldState":
         """A view of some rows; folding into it updates this state."""
         dot = self.dot[chunk] if self.dot.numel() else self.dot
-        return FoldState(0, None, None, False, _views=(self.max[chunk], self.sum[chunk], dot,
-                                                        self.target[chunk]))  # fmt: skip
+        return FoldState(
+            0, None, None, False, _views=(self.max[chunk], self.sum[chunk], dot, self.target[chunk])
+        )
 
     def finish(self, logprobs, lse, entropy=None) -> None:
         torch.add(self.max, torch.log(self.sum), out=lse)
@@ -125,8 +131,9 @@ def _logits_grad_torch(logits, targets, lse, entropy, grad_logprobs, grad_entrop
         grad = p.mul_(-grad_logprobs[:, None])
     # Targets are relative to the chunk's first column; those outside it contribute nothing.
     inside = (targets >= 0) & (targets < grad.shape[1])
-    grad.scatter_add_(1, targets.clamp(0, grad.shape[1] - 1)[:, None],
-                      (grad_logprobs * inside)[:, None])  # fmt: skip
+    grad.scatter_add_(
+        1, targets.clamp(0, grad.shape[1] - 1)[:, None], (grad_logprobs * inside)[:, None]
+    )
     if temperature != 1.0:
         grad.div_(temperature)
     if grad.data_ptr() != logits.data_ptr():
@@ -139,9 +146,18 @@ if triton is not None:
 
     @triton.jit
     def _fold_kernel(
-        logits_ptr, stride_row, targets_ptr, max_ptr, sum_ptr, dot_ptr, target_z_ptr, V,
-        temperature, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
-    ):  # fmt: skip
+        logits_ptr,
+        stride_row,
+        targets_ptr,
+        max_ptr,
+        sum_ptr,
+        dot_ptr,
+        target_z_ptr,
+        V,
+        temperature,
+        WITH_ENTROPY: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
         """One program per row: folds a chunk of columns into the row's running statistics
         (online logsumexp, and sum p*z for the entropy) over vocab tiles."""
         row = tl.program_id(0).to(tl.int64)
@@ -173,10 +189,18 @@ if triton is not None:
 
     @triton.jit
     def _logits_grad_kernel(
-        logits_ptr, stride_row, targets_ptr, lse_ptr, entropy_ptr, grad_logprobs_ptr,
-        grad_entropy_ptr, V, temperature,
-        WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
-    ):  # fmt: skip
+        logits_ptr,
+        stride_row,
+        targets_ptr,
+        lse_ptr,
+        entropy_ptr,
+        grad_logprobs_ptr,
+        grad_entropy_ptr,
+        V,
+        temperature,
+        WITH_ENTROPY: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride_row
         cols = tl.arange(0, BLOCK_V)
@@ -204,19 +228,35 @@ def _vocab_block(vocab: int) -> int:
 def _fold_triton(logits, targets, temperature, state: FoldState):
     with_entropy = state.dot.numel() > 0
     _fold_kernel[(logits.shape[0],)](
-        logits, logits.stride(0), targets, state.max, state.sum,
-        state.dot if with_entropy else state.sum, state.target, logits.shape[1], temperature,
-        WITH_ENTROPY=with_entropy, BLOCK_V=_vocab_block(logits.shape[1]),
-    )  # fmt: skip
+        logits,
+        logits.stride(0),
+        targets,
+        state.max,
+        state.sum,
+        state.dot if with_entropy else state.sum,
+        state.target,
+        logits.shape[1],
+        temperature,
+        WITH_ENTROPY=with_entropy,
+        BLOCK_V=_vocab_block(logits.shape[1]),
+    )
 
 
 def _logits_grad_triton(logits, targets, lse, entropy, grad_logprobs, grad_entropy, temperature):
     with_entropy = grad_entropy is not None
     _logits_grad_kernel[(logits.shape[0],)](
-        logits, logits.stride(0), targets, lse, entropy if with_entropy else lse, grad_logprobs,
-        grad_entropy if with_entropy else grad_logprobs, logits.shape[1], temperature,
-        WITH_ENTROPY=with_entropy, BLOCK_V=_vocab_block(logits.shape[1]),
-    )  # fmt: skip
+        logits,
+        logits.stride(0),
+        targets,
+        lse,
+        entropy if with_entropy else lse,
+        grad_logprobs,
+        grad_entropy if with_entropy else grad_logprobs,
+        logits.shape[1],
+        temperature,
+        WITH_ENTROPY=with_entropy,
+        BLOCK_V=_vocab_block(logits.shape[1]),
+    )
 
 
 # ------------------------------------------------------------------------ chunked driver
@@ -268,8 +308,9 @@ class LmHeadGrads:
         # NaN-filled so a row the chunk walk missed cannot pass as a value.
         self.grad_hidden = torch.full_like(hidden, float("nan"))
         self.grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-        self.grad_bias = torch.zeros(weight.shape[0] if with_bias else 0, dtype=acc,
-                                     device=weight.device)  # fmt: skip
+        self.grad_bias = torch.zeros(
+            weight.shape[0] if with_bias else 0, dtype=acc, device=weight.device
+        )
 
     def add(self, chunk: slice, logits_grad: torch.Tensor) -> None:
         acc = self.grad_weight.dtype
@@ -297,8 +338,12 @@ def chunked_forward(hidden, weight, targets, bias, temperature, return_entropy, 
             fold(logits, targets - cols.start, temperature, state)
     else:
         for chunk in row_chunks(rows, vocab, hidden.device):
-            fold(chunk_logits(hidden[chunk], weight, bias), targets[chunk], temperature,
-                 state.rows(chunk))  # fmt: skip
+            fold(
+                chunk_logits(hidden[chunk], weight, bias),
+                targets[chunk],
+                temperature,
+                state.rows(chunk),
+            )
     logprobs, lse = torch.empty_like(state.max), torch.empty_like(state.max)
     entropy = torch.empty_like(state.dot)
     state.finish(logprobs, lse, entropy if return_entropy else None)
@@ -309,8 +354,18 @@ def _rows(tensor, chunk):
     return None if tensor is None else tensor[chunk]
 
 
-def chunked_backward(grad_logprobs, grad_entropy, hidden, weight, targets, bias, lse, entropy,
-              temperature, logits_grad):  # fmt: skip
+def chunked_backward(
+    grad_logprobs,
+    grad_entropy,
+    hidden,
+    weight,
+    targets,
+    bias,
+    lse,
+    entropy,
+    temperature,
+    logits_grad,
+):
     """Recomputes the logits chunk by chunk and reduces their gradient by two GEMMs.
 
     Chunks run along whichever of rows and vocabulary is longer, so that the gradient summed
@@ -321,29 +376,61 @@ def chunked_backward(grad_logprobs, grad_entropy, hidden, weight, targets, bias,
     if grad_entropy.numel() == 0:
         entropy = grad_entropy = None
     if vocab >= rows:
-        return _backward_by_vocab(hidden, weight, targets, bias, logits_grad, lse, entropy,
-                                  grad_logprobs, grad_entropy, temperature)  # fmt: skip
+        return _backward_by_vocab(
+            hidden,
+            weight,
+            targets,
+            bias,
+            logits_grad,
+            lse,
+            entropy,
+            grad_logprobs,
+            grad_entropy,
+            temperature,
+        )
     grads = LmHeadGrads(hidden, weight, bias is not None)
     for chunk in row_chunks(rows, vocab, hidden.device):
         logits = chunk_logits(hidden[chunk], weight, bias)
-        logits_grad(logits, targets[chunk], lse[chunk], _rows(entropy, chunk),
-                    grad_logprobs[chunk], _rows(grad_entropy, chunk), temperature)  # fmt: skip
+        logits_grad(
+            logits,
+            targets[chunk],
+            lse[chunk],
+            _rows(entropy, chunk),
+            grad_logprobs[chunk],
+            _rows(grad_entropy, chunk),
+            temperature,
+        )
         grads.add(chunk, logits)
     return grads.result()
 
 
-def _backward_by_vocab(hidden, weight, targets, bias, logits_grad, lse, entropy, grad_logprobs,
-                       grad_entropy, temperature):  # fmt: skip
+def _backward_by_vocab(
+    hidden,
+    weight,
+    targets,
+    bias,
+    logits_grad,
+    lse,
+    entropy,
+    grad_logprobs,
+    grad_entropy,
+    temperature,
+):
     acc = accumulation_dtype(weight.dtype)
     grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
     # NaN-filled so a column range the chunk walk missed cannot pass as a value.
     grad_weight = torch.full_like(weight, float("nan"))
-    grad_bias = torch.full((weight.shape[0] if bias is not None else 0,), float("nan"),
-                           dtype=weight.dtype, device=weight.device)  # fmt: skip
+    grad_bias = torch.full(
+        (weight.shape[0] if bias is not None else 0,),
+        float("nan"),
+        dtype=weight.dtype,
+        device=weight.device,
+    )
     for cols in vocab_chunks(hidden.shape[0], weight.shape[0], hidden.device):
         logits = chunk_logits(hidden, weight[cols], None if bias is None else bias[cols])
-        logits_grad(logits, targets - cols.start, lse, entropy, grad_logprobs, grad_entropy,
-                    temperature)  # fmt: skip
+        logits_grad(
+            logits, targets - cols.start, lse, entropy, grad_logprobs, grad_entropy, temperature
+        )
         add_matmul(grad_hidden, logits, weight[cols])
         torch.mm(logits.T, hidden, out=grad_weight[cols])
         if bias is not None:
@@ -398,9 +485,16 @@ def _autograd_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
     if grad_entropy is None or entropy.numel() == 0:
         grad_entropy = lse.new_empty(0)
     grad_hidden, grad_weight, grad_bias = torch.ops.oar.token_logprobs_backward(
-        grad_logprobs.contiguous(), grad_entropy.contiguous(), hidden, weight, targets, bias,
-        lse, entropy, ctx.temperature,
-    )  # fmt: skip
+        grad_logprobs.contiguous(),
+        grad_entropy.contiguous(),
+        hidden,
+        weight,
+        targets,
+        bias,
+        lse,
+        entropy,
+        ctx.temperature,
+    )
     return grad_hidden, grad_weight, None, grad_bias if bias is not None else None, None, None
 
 
@@ -425,8 +519,9 @@ def token_logprobs(
 
     hidden: [N, H] or [B, T, H] float; weight: [V, H] (the lm head), same dtype;
     targets: [N] or [B, T] integer in [0, V); bias: [V] or None.
-    Returns float32 (float64 for float64 inputs) logprobs shaped like targets (and the entropy of each position's
-    distribution when return_entropy). Differentiable w.r.t. hidden, weight and bias.
+    Returns float32 (float64 for float64 inputs) logprobs shaped like targets, and the
+    entropy of each position's distribution when return_entropy. Differentiable w.r.t.
+    hidden, weight and bias.
     """
     require_float_tensor("hidden", hidden)
     require_float_tensor("weight", weight)
@@ -448,13 +543,21 @@ def token_logprobs(
         require_float_tensor("bias", bias)
         if bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype:
             raise ValueError(f"bias must be [V]={weight.shape[0]} of dtype {weight.dtype}")
-    require_same_device(hidden=hidden, weight=weight, targets=targets,
-                        **({"bias": bias} if bias is not None else {}))  # fmt: skip
+    require_same_device(
+        hidden=hidden,
+        weight=weight,
+        targets=targets,
+        **({"bias": bias} if bias is not None else {}),
+    )
     temperature = require_real_in("temperature", temperature, 1e-6)
     flat_targets = targets.reshape(-1).long()
     logprobs, entropy, _ = torch.ops.oar.token_logprobs(
-        hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
-        flat_targets.contiguous(), bias, temperature, bool(return_entropy),
-    )  # fmt: skip
+        hidden.reshape(-1, hidden.shape[-1]).contiguous(),
+        weight.contiguous(),
+        flat_targets.contiguous(),
+        bias,
+        temperature,
+        bool(return_entropy),
+    )
     logprobs = logprobs.reshape(targets.shape)
     return (logprobs, entropy.reshape(targets.shape)) if return_entropy else logprobs

@@ -6,15 +6,21 @@ d loss / d logprob in closed form, and the chunked gradient walk turns that into
 weight and bias gradients. No [N, V] logits; the autograd backward only scales the stored
 gradients by the incoming gradient of the loss.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
 
-from oar_kernels._checks import require_float_tensor, require_mask, require_real_in
 from oar_kernels import logprobs
-from oar_kernels._checks import require_same_device, require_tensor
+from oar_kernels._checks import (
+    require_float_tensor,
+    require_mask,
+    require_real_in,
+    require_same_device,
+    require_tensor,
+)
 from oar_kernels._ops import lib
 from oar_kernels.logprobs import (
     accumulation_dtype,
@@ -44,8 +50,12 @@ def per_token_terms(logprobs, old_logprobs, ref_logprobs, advantages, eps_low, e
     Where the clipped branch wins the loss is constant in lp; elsewhere d/dlp = -rho A.
     """
     ratio = torch.exp(logprobs - old_logprobs)
-    clipped = ((ratio < 1 - eps_low) & (advantages < 0)) | ((ratio > 1 + eps_high) & (advantages > 0))
-    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - eps_low, 1 + eps_high) * advantages)
+    clipped = ((ratio < 1 - eps_low) & (advantages < 0)) | (
+        (ratio > 1 + eps_high) & (advantages > 0)
+    )
+    surrogate = torch.minimum(
+        ratio * advantages, ratio.clamp(1 - eps_low, 1 + eps_high) * advantages
+    )
     loss = -surrogate
     dloss = torch.where(clipped, 0.0, -ratio * advantages)
     if ref_logprobs is None:
@@ -55,9 +65,21 @@ def per_token_terms(logprobs, old_logprobs, ref_logprobs, advantages, eps_low, e
     return loss + beta * k3, dloss + beta * (1 - gap), clipped, ratio, k3
 
 
-def _grpo_loss_impl(hidden, weight, targets, advantages, token_weight, metric_weight,
-                    old_logprobs, ref_logprobs, bias, epsilon_low, epsilon_high, beta,
-                    temperature):  # fmt: skip
+def _grpo_loss_impl(
+    hidden,
+    weight,
+    targets,
+    advantages,
+    token_weight,
+    metric_weight,
+    old_logprobs,
+    ref_logprobs,
+    bias,
+    epsilon_low,
+    epsilon_high,
+    beta,
+    temperature,
+):
     fold, logits_grad = chunk_steps(hidden)
     logprobs, no_entropy, lse = chunked_forward(
         hidden, weight, targets, bias, temperature, False, fold
@@ -72,8 +94,18 @@ def _grpo_loss_impl(hidden, weight, targets, advantages, token_weight, metric_we
     loss = (w * terms).sum()
     metrics = torch.stack([(m * clipped).sum(), (m * k3).sum(), (m * ratio).sum()])
     # The loss is linear in the per-token terms: its logprob gradient is w * d terms / d lp.
-    grads = chunked_backward(w * dterms, no_entropy, hidden, weight, targets, bias, lse,
-                              no_entropy, temperature, logits_grad)  # fmt: skip
+    grads = chunked_backward(
+        w * dterms,
+        no_entropy,
+        hidden,
+        weight,
+        targets,
+        bias,
+        lse,
+        no_entropy,
+        temperature,
+        logits_grad,
+    )
     return (loss, metrics, logprobs, *grads)
 
 
@@ -91,9 +123,20 @@ def _backward(ctx, grad_loss, *_unused):
     grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
     scale = grad_loss.to(grad_hidden.dtype)
     return (
-        grad_hidden * scale, grad_weight * scale, None, None, None, None, None, None,
-        grad_bias * scale if ctx.has_bias else None, None, None, None, None,
-    )  # fmt: skip
+        grad_hidden * scale,
+        grad_weight * scale,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        grad_bias * scale if ctx.has_bias else None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 torch.library.register_autograd("oar::grpo_loss", _backward, setup_context=_setup_context)
@@ -150,8 +193,9 @@ def grpo_loss(
         raise TypeError(f"targets must be an integer tensor of shape {tuple(shape)}")
     require_float_tensor("advantages", advantages)
     if advantages.shape not in (shape[:1], shape):
-        raise ValueError(f"advantages must be [B] or [B, T] for {tuple(shape)}, got "
-                         f"{tuple(advantages.shape)}")  # fmt: skip
+        raise ValueError(
+            f"advantages must be [B] or [B, T] for {tuple(shape)}, got {tuple(advantages.shape)}"
+        )
     mask = require_mask("mask", mask, shape)
     for name, value in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
         if value is not None and (not value.is_floating_point() or value.shape != shape):
@@ -169,16 +213,31 @@ def grpo_loss(
         raise ValueError("beta > 0 needs ref_logprobs")
     temperature = require_real_in("temperature", temperature, 1e-6)
     optional = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "bias": bias}
-    require_same_device(hidden=hidden, weight=weight, targets=targets, advantages=advantages,
-                        mask=mask, **{k: v for k, v in optional.items() if v is not None})  # fmt: skip
+    require_same_device(
+        hidden=hidden,
+        weight=weight,
+        targets=targets,
+        advantages=advantages,
+        mask=mask,
+        **{k: v for k, v in optional.items() if v is not None},
+    )
 
     weights = mask.to(accumulation_dtype(hidden.dtype))
     per_token_adv = advantages[:, None].expand(shape) if advantages.dim() == 1 else advantages
     flat = lambda t: None if t is None else t.detach().reshape(-1)  # noqa: E731
     loss, metrics, logprobs, *_ = torch.ops.oar.grpo_loss(
-        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(),
-        flat(per_token_adv), flat(_aggregation_weights(weights, loss_type)),
-        flat(weights / weights.sum().clamp(min=1)), flat(old_logprobs), flat(ref_logprobs),
-        bias, epsilon_low, epsilon_high, beta, temperature,
-    )  # fmt: skip
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        targets.reshape(-1).long(),
+        flat(per_token_adv),
+        flat(_aggregation_weights(weights, loss_type)),
+        flat(weights / weights.sum().clamp(min=1)),
+        flat(old_logprobs),
+        flat(ref_logprobs),
+        bias,
+        epsilon_low,
+        epsilon_high,
+        beta,
+        temperature,
+    )
     return GRPOLoss(loss, metrics[0], metrics[1], metrics[2], logprobs.reshape(shape))

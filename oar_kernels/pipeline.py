@@ -1,4 +1,5 @@
 """`oar_advantages`: per-token advantages for a GRPO batch in one pass (SPEC section 8)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,12 +52,22 @@ def oar_advantages(
     if noise_std is None:
         noise_std = 0.0 if mode == "answer_joint" else 1e-3
     scores, old_logprobs = run_gradient_importance(
-        model, input_ids, attention_mask, score_mask, answer_mask, mode=mode,
-        noise_std=noise_std, generator=generator, max_batch_tokens=max_batch_tokens,
-        noise=None, want_old_logprobs=True,
-    )  # fmt: skip
+        model,
+        input_ids,
+        attention_mask,
+        score_mask,
+        answer_mask,
+        mode=mode,
+        noise_std=noise_std,
+        generator=generator,
+        max_batch_tokens=max_batch_tokens,
+        noise=None,
+        want_old_logprobs=True,
+    )
     reshape.check_advantages(advantages, scores)
-    weights = reshape.bilevel_weights(scores, score_mask, tau=tau, beta=beta, floor=floor,
-                                      preserve_mass=preserve_mass)  # fmt: skip
-    return OARAdvantages(reshape.weigh_advantages(advantages.detach(), weights), scores, weights,
-                         old_logprobs)  # fmt: skip
+    weights = reshape.bilevel_weights(
+        scores, score_mask, tau=tau, beta=beta, floor=floor, preserve_mass=preserve_mass
+    )
+    return OARAdvantages(
+        reshape.weigh_advantages(advantages.detach(), weights), scores, weights, old_logprobs
+    )

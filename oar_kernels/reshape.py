@@ -4,6 +4,7 @@ One file holds the whole op family: the float64 reference, the vectorized torch 
 Triton kernel and their registration for `oar::bilevel_weights` / `oar::reshape_advantages`
 (schemas in `_ops.py`; the C++ CPU kernel in `csrc/reshape.cpp`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -154,12 +155,24 @@ if triton is not None:
 
     @triton.jit
     def _bilevel_weights_kernel(
-        scores_ptr, mask_ptr, out_ptr, T,
-        stride_sb, stride_st, stride_mb, stride_mt, stride_ob, stride_ot,
-        tau, beta, floor,
-        EPS: tl.constexpr, PRESERVE_MASS: tl.constexpr, BLOCK: tl.constexpr,
+        scores_ptr,
+        mask_ptr,
+        out_ptr,
+        T,
+        stride_sb,
+        stride_st,
+        stride_mb,
+        stride_mt,
+        stride_ob,
+        stride_ot,
+        tau,
+        beta,
+        floor,
+        EPS: tl.constexpr,
+        PRESERVE_MASS: tl.constexpr,
+        BLOCK: tl.constexpr,
         ROW_FITS: tl.constexpr,
-    ):  # fmt: skip
+    ):
         """One program per row. A row that fits one BLOCK stays in registers; a longer row
         is re-read chunk by chunk in each pass (the passes are cheap next to a sort)."""
         row = tl.program_id(0).to(tl.int64)
@@ -263,13 +276,25 @@ def _bilevel_weights_triton(
     # The launch goes to the current CUDA device: make it the tensors' device.
     with torch.cuda.device(scores.device) if scores.is_cuda else contextlib.nullcontext():
         _bilevel_weights_kernel[(B,)](
-            scores, mask, out, T,
-            scores.stride(0), scores.stride(1), mask.stride(0), mask.stride(1),
-            out.stride(0), out.stride(1),
-            tau, beta, floor,
-            EPS=EPS, PRESERVE_MASS=preserve_mass, BLOCK=block, ROW_FITS=T <= block,
+            scores,
+            mask,
+            out,
+            T,
+            scores.stride(0),
+            scores.stride(1),
+            mask.stride(0),
+            mask.stride(1),
+            out.stride(0),
+            out.stride(1),
+            tau,
+            beta,
+            floor,
+            EPS=EPS,
+            PRESERVE_MASS=preserve_mass,
+            BLOCK=block,
+            ROW_FITS=T <= block,
             num_warps=8 if block >= 2048 else 4,
-        )  # fmt: skip
+        )
 
 
 # ------------------------------------------------------------------------ registration

@@ -1,5 +1,6 @@
 """Helpers shared by tests/ and bench/: random ragged batches, the paper's per-row numpy
 procedure, a CUDA-synchronizing wrapper for timing, and an allclose that says where it failed."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -71,8 +72,12 @@ def device_params() -> list:
     """pytest parameters: "cpu", and "cuda" skipped with a reason where there is none."""
     import pytest
 
-    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-        not torch.cuda.is_available(), reason=NO_CUDA))]  # fmt: skip
+    return [
+        "cpu",
+        pytest.param(
+            "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+        ),
+    ]
 
 
 def triton_device_or_skip(triton_module) -> str:
@@ -107,8 +112,9 @@ def assert_python_passes(code: str, **env: str) -> None:
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
 
 

@@ -1,5 +1,6 @@
 """OAR-G against a per-sequence float64 transcription of SPEC section 5 on tiny random
 Llama / Qwen2 models built here (no downloads)."""
+
 import copy
 
 import pytest
@@ -21,10 +22,20 @@ MODES = ["answer_joint", "answer_mean", "last"]
 
 def tiny_model(kind: str, seed: int = 0):
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
-    model = (LlamaForCausalLM(LlamaConfig(**common)) if kind == "llama"
-             else Qwen2ForCausalLM(Qwen2Config(**common)))  # fmt: skip
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=WIDTH,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = (
+        LlamaForCausalLM(LlamaConfig(**common))
+        if kind == "llama"
+        else Qwen2ForCausalLM(Qwen2Config(**common))
+    )
     return model.eval()
 
 
@@ -72,9 +83,9 @@ def ragged_batch(seed: int, left_pad: bool, rows: int = 4, width: int = 12):
         row_ids = torch.randint(1, VOCAB, (n,), generator=gen)
         s, a = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
         start = int(torch.randint(1, n - 4, (1,), generator=gen))
-        s[start:n - 2] = True
+        s[start : n - 2] = True
         if r != 1:  # row 1 has no answer span: it falls back to `last`
-            a[n - 2:] = True
+            a[n - 2 :] = True
         row_noise = torch.randn(n, WIDTH, generator=gen, dtype=torch.float64) * 1e-3
         cols = slice(width - n, width) if left_pad else slice(0, n)
         ids[r, cols], attn[r, cols], score[r, cols], answer[r, cols] = row_ids, True, s, a
@@ -122,13 +133,18 @@ def test_micro_batches_equal_one_batch_and_seeded_runs_repeat():
     model = tiny_model("llama")
     ids, attn, score, answer, *_ = ragged_batch(seed=2, left_pad=False)
     run = lambda **kw: ok.gradient_importance(  # noqa: E731
-        model, ids, attn, score, answer, generator=torch.Generator().manual_seed(11), **kw)
+        model, ids, attn, score, answer, generator=torch.Generator().manual_seed(11), **kw
+    )
     whole = run()
     assert torch.equal(whole, run())
     # float32 sums in another batch order: the saliency dot amplifies last-place differences.
     assert_verbose_allclose(run(max_batch_tokens=13), whole, rtol=1e-3, atol=1e-7)
-    assert not torch.equal(whole, ok.gradient_importance(
-        model, ids, attn, score, answer, generator=torch.Generator().manual_seed(12)))
+    assert not torch.equal(
+        whole,
+        ok.gradient_importance(
+            model, ids, attn, score, answer, generator=torch.Generator().manual_seed(12)
+        ),
+    )
 
 
 def test_parameter_gradients_untouched_and_flags_restored():
@@ -155,9 +171,13 @@ def test_zero_noise_allowed_in_joint_mode_only():
 def _bad_calls():
     model = tiny_model("llama")
     ids, attn, score, answer, *_ = ragged_batch(seed=0, left_pad=False)
-    call = lambda **kw: ok.gradient_importance(  # noqa: E731
-        **{**dict(model=model, input_ids=ids, attention_mask=attn, score_mask=score,
-                  answer_mask=answer), **kw})  # fmt: skip
+    defaults = dict(
+        model=model, input_ids=ids, attention_mask=attn, score_mask=score, answer_mask=answer
+    )
+
+    def call(**overrides):
+        return ok.gradient_importance(**{**defaults, **overrides})
+
     return [
         ("mode", lambda: call(mode="joint"), ValueError, "mode"),
         ("ids-float", lambda: call(input_ids=ids.float()), ValueError, "input_ids"),
@@ -181,8 +201,7 @@ def test_saliency_op_matches_reference(device):
     grad, embeds = (torch.randn(3, 7, 40, generator=gen).to(device) for _ in range(2))
     mask = (torch.rand(3, 7, generator=gen) < 0.6).to(device)
     want = gradient.saliency_reference(grad, embeds, mask)
-    assert_verbose_allclose(torch.ops.oar.saliency(grad, embeds, mask), want, rtol=1e-5,
-                            atol=1e-5)  # fmt: skip
+    assert_verbose_allclose(torch.ops.oar.saliency(grad, embeds, mask), want, rtol=1e-5, atol=1e-5)
     torch.library.opcheck(torch.ops.oar.saliency.default, (grad, embeds, mask))
 
 
@@ -192,8 +211,9 @@ def test_saliency_triton_kernel_matches_reference():
     grad, embeds = (torch.randn(2, 5, 2100, generator=gen).to(device) for _ in range(2))
     mask = (torch.rand(2, 5, generator=gen) < 0.5).to(device)
     got = gradient._saliency_triton(grad, embeds, mask)  # H > one 1024 block: a loop
-    assert_verbose_allclose(got, gradient.saliency_reference(grad, embeds, mask), rtol=1e-4,
-                            atol=1e-4)  # fmt: skip
+    assert_verbose_allclose(
+        got, gradient.saliency_reference(grad, embeds, mask), rtol=1e-4, atol=1e-4
+    )
 
 
 # ------------------------------------------------------------------------ the pipeline
@@ -202,8 +222,9 @@ def test_saliency_triton_kernel_matches_reference():
 def _plain_old_logprobs(model, ids, attn):
     """What a GRPO trainer computes anyway: a forward with full logits, log_softmax, gather."""
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=attn.long(),
-                       position_ids=gradient.position_ids_from(attn)).logits  # fmt: skip
+        logits = model(
+            input_ids=ids, attention_mask=attn.long(), position_ids=gradient.position_ids_from(attn)
+        ).logits
     logp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, ids[:, 1:, None])[..., 0]
     valid = attn[:, 1:] & attn[:, :-1]
     return torch.where(valid, logp, 0.0)
@@ -214,17 +235,38 @@ def test_oar_advantages_equals_composing_the_parts(mode):
     model = tiny_model("qwen2")
     ids, attn, score, answer, *_ = ragged_batch(seed=9, left_pad=True)
     per_seq = torch.tensor([1.0, -0.5, 0.25, -2.0])
-    out = ok.oar_advantages(model, ids, attn, score, answer, per_seq, mode=mode,
-                            generator=torch.Generator().manual_seed(3), tau=0.3)  # fmt: skip
+    out = ok.oar_advantages(
+        model,
+        ids,
+        attn,
+        score,
+        answer,
+        per_seq,
+        mode=mode,
+        generator=torch.Generator().manual_seed(3),
+        tau=0.3,
+    )
     noise_std = 0.0 if mode == "answer_joint" else 1e-3
-    scores = ok.gradient_importance(model, ids, attn, score, answer, mode=mode,
-                                    noise_std=noise_std,
-                                    generator=torch.Generator().manual_seed(3))  # fmt: skip
+    scores = ok.gradient_importance(
+        model,
+        ids,
+        attn,
+        score,
+        answer,
+        mode=mode,
+        noise_std=noise_std,
+        generator=torch.Generator().manual_seed(3),
+    )
     assert torch.equal(out.scores, scores)
     assert torch.equal(out.weights, ok.bilevel_weights(scores, score, tau=0.3))
     assert torch.equal(out.advantages, ok.reshape_advantages(per_seq, scores, score, tau=0.3))
-    assert_verbose_allclose(out.old_logprobs[:, 1:], _plain_old_logprobs(model, ids, attn),
-                            rtol=1e-4, atol=1e-5, name="old logprobs")  # fmt: skip
+    assert_verbose_allclose(
+        out.old_logprobs[:, 1:],
+        _plain_old_logprobs(model, ids, attn),
+        rtol=1e-4,
+        atol=1e-5,
+        name="old logprobs",
+    )
 
 
 def test_oar_advantages_rejects_unknown_method_and_bad_advantages():

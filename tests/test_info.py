@@ -30,7 +30,8 @@ def test_without_extension_cpu_falls_back_to_torch_path():
         "import torch, oar_kernels as ok\n"
         "from oar_kernels import _info\n"
         "assert _info.backends()['bilevel_weights']['cpu'] == 'torch (vectorized)'\n"
-        "w = ok.bilevel_weights(torch.tensor([[0.0, 1.0, 3.0]]), torch.ones(1, 3, dtype=torch.bool))\n"
+        "mask = torch.ones(1, 3, dtype=torch.bool)\n"
+        "w = ok.bilevel_weights(torch.tensor([[0.0, 1.0, 3.0]]), mask)\n"
         "assert abs(w.mean().item() - 1) < 1e-6 and w[0, 0] < w[0, 2]\n"
     )
     assert_python_passes(code, OAR_KERNELS_NO_EXTENSION="1")

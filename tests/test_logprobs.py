@@ -15,7 +15,11 @@ from oar_kernels.testing import (
 
 CUDA = torch.cuda.is_available()
 # (rtol, atol) of values and gradients against float64, per input dtype.
-TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (5e-2, 5e-2), torch.float64: (1e-10, 1e-10)}
+TOLERANCE = {
+    torch.float32: (1e-4, 1e-4),
+    torch.bfloat16: (5e-2, 5e-2),
+    torch.float64: (1e-10, 1e-10),
+}
 
 
 def _problem(rows, hidden_size, vocab, dtype, seed, device="cpu", bias=False):
@@ -61,8 +65,7 @@ def _compare(ours, ref, dtype, name):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("vocab", [97, 11], ids=["backward-by-vocab", "backward-by-rows"])
-def test_values_and_gradients_match_reference(device, dtype, temperature, bias, vocab,
-                                              monkeypatch):  # fmt: skip
+def test_values_and_gradients_match_reference(device, dtype, temperature, bias, vocab, monkeypatch):
     # A small chunk budget makes the driver walk several chunks and a ragged last one.
     monkeypatch.setitem(logprobs.CHUNK_BYTES, device, 4 * vocab * 5)
     monkeypatch.setattr(logprobs, "MIN_CHUNK_ROWS", 1)
@@ -85,8 +88,9 @@ def test_large_and_prime_vocab(vocab):
     _compare(
         _run_ours(hidden, weight, targets, None, 1.0, w, w),
         _reference_with_grads(hidden, weight, targets, None, 1.0, w, w),
-        torch.float32, f"V={vocab}",
-    )  # fmt: skip
+        torch.float32,
+        f"V={vocab}",
+    )
 
 
 @pytest.mark.parametrize("vocab", [97, 151936])
@@ -96,23 +100,45 @@ def test_triton_chunk_steps_match_reference(vocab, with_entropy, monkeypatch):
     # Backward over several vocabulary chunks (targets relative to each chunk's start).
     monkeypatch.setattr(logprobs, "MIN_CHUNK_COLS", 1)
     monkeypatch.setitem(logprobs.CHUNK_BYTES, device, 4 * 3 * (vocab // 3 + 1))
-    hidden, weight, targets, bias = _problem(3, 8, vocab, torch.float32, seed=4, device=device,
-                                             bias=True)  # fmt: skip
+    hidden, weight, targets, bias = _problem(
+        3, 8, vocab, torch.float32, seed=4, device=device, bias=True
+    )
     temperature = 0.8
     lp, ent, lse = logprobs.chunked_forward(
         hidden, weight, targets, bias, temperature, with_entropy, logprobs._fold_triton
     )
-    ref_lp, ref_ent = token_logprobs_reference(hidden.cpu(), weight.cpu(), targets.cpu(),
-                                               bias=bias.cpu(), temperature=temperature)  # fmt: skip
+    ref_lp, ref_ent = token_logprobs_reference(
+        hidden.cpu(), weight.cpu(), targets.cpu(), bias=bias.cpu(), temperature=temperature
+    )
     assert_verbose_allclose(lp, ref_lp, rtol=1e-5, atol=1e-5, name="triton logprobs")
     if with_entropy:
         assert_verbose_allclose(ent, ref_ent, rtol=1e-5, atol=1e-5, name="triton entropy")
     g_lp = torch.linspace(-1, 1, 3, device=device)
     g_ent = torch.linspace(0.5, -0.5, 3, device=device) if with_entropy else g_lp.new_empty(0)
-    got = logprobs.chunked_backward(g_lp, g_ent, hidden, weight, targets, bias, lse, ent, temperature,
-                             logits_grad=logprobs._logits_grad_triton)  # fmt: skip
-    want = logprobs.chunked_backward(g_lp, g_ent, hidden, weight, targets, bias, lse, ent, temperature,
-                              logits_grad=logprobs._logits_grad_torch)  # fmt: skip
+    got = logprobs.chunked_backward(
+        g_lp,
+        g_ent,
+        hidden,
+        weight,
+        targets,
+        bias,
+        lse,
+        ent,
+        temperature,
+        logits_grad=logprobs._logits_grad_triton,
+    )
+    want = logprobs.chunked_backward(
+        g_lp,
+        g_ent,
+        hidden,
+        weight,
+        targets,
+        bias,
+        lse,
+        ent,
+        temperature,
+        logits_grad=logprobs._logits_grad_torch,
+    )
     for name, a, b in zip(("d hidden", "d weight", "d bias"), got, want):
         assert_verbose_allclose(a, b, rtol=1e-5, atol=1e-6, name=f"triton {name}")
 
@@ -152,8 +178,9 @@ def test_opcheck_and_compile():
 
     compiled = loss(hidden, weight)
     grads = torch.autograd.grad(compiled, (hidden, weight))
-    lp, ent = ok.token_logprobs(hidden, weight, targets, bias=bias, temperature=0.9,
-                                return_entropy=True)  # fmt: skip
+    lp, ent = ok.token_logprobs(
+        hidden, weight, targets, bias=bias, temperature=0.9, return_entropy=True
+    )
     eager = -(lp.mean() + 0.01 * ent.mean())
     assert torch.allclose(compiled, eager)
     for got, want in zip(grads, torch.autograd.grad(eager, (hidden, weight))):
@@ -172,10 +199,14 @@ def _bad_calls():
         ("targets-range", lambda: ok.token_logprobs(h, w, t + 10), ValueError, r"\[0, 10\)"),
         ("targets-neg", lambda: ok.token_logprobs(h, w, t - 20), ValueError, r"\[0, 10\)"),
         ("bias-shape", lambda: ok.token_logprobs(h, w, t, bias=torch.zeros(3)), ValueError, "bias"),
-        ("temp-zero", lambda: ok.token_logprobs(h, w, t, temperature=0.0), ValueError,
-         "temperature"),
+        (
+            "temp-zero",
+            lambda: ok.token_logprobs(h, w, t, temperature=0.0),
+            ValueError,
+            "temperature",
+        ),
         ("device", lambda: ok.token_logprobs(h, w.to("meta"), t), ValueError, "one device"),
-    ]  # fmt: skip
+    ]
 
 
 @pytest.mark.parametrize("case", _bad_calls(), ids=lambda c: c[0])

@@ -1,5 +1,6 @@
 """grpo_loss: the fused loss against the unfused reference (full logits -> log_softmax ->
 TRL's formula), values, metrics and gradients, for every loss_type (SPEC section 7)."""
+
 import pytest
 import torch
 
@@ -13,11 +14,29 @@ from oar_kernels.testing import (
     triton_device_or_skip,
 )
 
-TOLERANCE = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (5e-2, 5e-3), torch.float64: (1e-9, 1e-12)}
+TOLERANCE = {
+    torch.float32: (1e-4, 1e-5),
+    torch.bfloat16: (5e-2, 5e-3),
+    torch.float64: (1e-9, 1e-12),
+}
 
 
-def reference_grpo_loss(hidden, weight, targets, advantages, mask, *, old_logprobs, ref_logprobs,
-                        bias, loss_type, epsilon_low, epsilon_high, beta, temperature):  # fmt: skip
+def reference_grpo_loss(
+    hidden,
+    weight,
+    targets,
+    advantages,
+    mask,
+    *,
+    old_logprobs,
+    ref_logprobs,
+    bias,
+    loss_type,
+    epsilon_low,
+    epsilon_high,
+    beta,
+    temperature,
+):
     """TRL's GRPO loss written out on full logits (float64 when given float64)."""
     logits = hidden @ weight.T
     if bias is not None:
@@ -57,12 +76,25 @@ def _batch(dtype, device, *, seed=0, rows=3, length=7, width=16, vocab=53, per_t
     mask[0] = False  # a row with no completion token
     # Old/ref logprobs near the current ones, so ratios straddle the clip range.
     with torch.no_grad():
-        logps = torch.log_softmax(hidden @ weight.T + bias, -1).gather(-1, targets[..., None])[..., 0]
+        logps = torch.log_softmax(hidden @ weight.T + bias, -1).gather(-1, targets[..., None])[
+            ..., 0
+        ]
     old = logps + 0.4 * torch.randn(rows, length, generator=gen)
     ref = logps + 0.3 * torch.randn(rows, length, generator=gen)
     to = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)  # noqa: E731
-    return {k: to(v) for k, v in dict(hidden=hidden, weight=weight, bias=bias, targets=targets,
-            advantages=advantages, mask=mask, old=old, ref=ref).items()}  # fmt: skip
+    return {
+        k: to(v)
+        for k, v in dict(
+            hidden=hidden,
+            weight=weight,
+            bias=bias,
+            targets=targets,
+            advantages=advantages,
+            mask=mask,
+            old=old,
+            ref=ref,
+        ).items()
+    }
 
 
 def _grads(loss, leaves):
@@ -72,19 +104,26 @@ def _grads(loss, leaves):
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
-@pytest.mark.parametrize("with_bias, with_kl, per_token", [
-    (False, False, True), (True, True, True), (False, True, False)])  # fmt: skip
-def test_matches_unfused_reference(device, dtype, loss_type, with_bias, with_kl, per_token,
-                                   monkeypatch):  # fmt: skip
+@pytest.mark.parametrize(
+    "with_bias, with_kl, per_token",
+    [(False, False, True), (True, True, True), (False, True, False)],
+)
+def test_matches_unfused_reference(
+    device, dtype, loss_type, with_bias, with_kl, per_token, monkeypatch
+):
     monkeypatch.setitem(logprobs.CHUNK_BYTES, device, 4 * 53 * 4)  # several chunks
     monkeypatch.setattr(logprobs, "MIN_CHUNK_ROWS", 1)
     monkeypatch.setattr(logprobs, "MIN_CHUNK_COLS", 1)
     b = _batch(dtype, device, per_token=per_token)
     kwargs = dict(
-        old_logprobs=b["old"], ref_logprobs=b["ref"] if with_kl else None,
-        loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28, beta=0.05 if with_kl else 0.0,
+        old_logprobs=b["old"],
+        ref_logprobs=b["ref"] if with_kl else None,
+        loss_type=loss_type,
+        epsilon_low=0.2,
+        epsilon_high=0.28,
+        beta=0.05 if with_kl else 0.0,
         temperature=0.9,
-    )  # fmt: skip
+    )
     leaves = [b["hidden"].clone().requires_grad_(), b["weight"].clone().requires_grad_()]
     bias = b["bias"].clone().requires_grad_() if with_bias else None
     out = ok.grpo_loss(*leaves, b["targets"], b["advantages"], b["mask"], bias=bias, **kwargs)
@@ -96,22 +135,28 @@ def test_matches_unfused_reference(device, dtype, loss_type, with_bias, with_kl,
     ref_kwargs = {k: cpu64(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     ref_kwargs["epsilon_high"] = 0.28
     loss, metrics, logps = reference_grpo_loss(
-        *ref_leaves, b["targets"].cpu(), cpu64(b["advantages"]), b["mask"].cpu(), bias=ref_bias,
+        *ref_leaves,
+        b["targets"].cpu(),
+        cpu64(b["advantages"]),
+        b["mask"].cpu(),
+        bias=ref_bias,
         **ref_kwargs,
-    )  # fmt: skip
+    )
     want_grads = _grads(loss, ref_leaves + ([ref_bias] if with_bias else []))
 
     rtol, atol = TOLERANCE[dtype]
     name = f"{device}/{dtype}/{loss_type}"
     assert_verbose_allclose(out.loss, loss, rtol=rtol, atol=atol, name=f"{name} loss")
     got_metrics = [out.clip_fraction, out.mean_kl, out.mean_ratio]
-    assert_verbose_allclose(torch.stack(got_metrics), torch.stack(metrics), rtol=rtol, atol=atol,
-                            name=f"{name} metrics")  # fmt: skip
+    assert_verbose_allclose(
+        torch.stack(got_metrics), torch.stack(metrics), rtol=rtol, atol=atol, name=f"{name} metrics"
+    )
     assert_verbose_allclose(out.logprobs, logps, rtol=rtol, atol=atol, name=f"{name} logprobs")
     for label, got, want in zip(("d hidden", "d weight", "d bias"), got_grads, want_grads):
         scale = want.abs().max().item()
-        assert_verbose_allclose(got.float(), want, rtol=rtol, atol=atol * max(scale, 1e-3) * 10,
-                                name=f"{name} {label}")  # fmt: skip
+        assert_verbose_allclose(
+            got.float(), want, rtol=rtol, atol=atol * max(scale, 1e-3) * 10, name=f"{name} {label}"
+        )
 
 
 def test_gradcheck_float64():
@@ -119,8 +164,17 @@ def test_gradcheck_float64():
     hidden, weight = b["hidden"].requires_grad_(), b["weight"].requires_grad_()
 
     def loss(h, w):
-        return ok.grpo_loss(h, w, b["targets"], b["advantages"], b["mask"], old_logprobs=b["old"],
-                            ref_logprobs=b["ref"], beta=0.1, temperature=0.7).loss  # fmt: skip
+        return ok.grpo_loss(
+            h,
+            w,
+            b["targets"],
+            b["advantages"],
+            b["mask"],
+            old_logprobs=b["old"],
+            ref_logprobs=b["ref"],
+            beta=0.1,
+            temperature=0.7,
+        ).loss
 
     assert torch.autograd.gradcheck(loss, (hidden, weight))
 
@@ -128,8 +182,9 @@ def test_gradcheck_float64():
 def test_on_policy_ratio_is_one_and_gradient_is_minus_advantage():
     b = _batch(torch.float64, "cpu")
     hidden = b["hidden"].requires_grad_()
-    out = ok.grpo_loss(hidden, b["weight"], b["targets"], b["advantages"], b["mask"],
-                       loss_type="bnpo")  # fmt: skip
+    out = ok.grpo_loss(
+        hidden, b["weight"], b["targets"], b["advantages"], b["mask"], loss_type="bnpo"
+    )
     assert out.mean_ratio.item() == pytest.approx(1.0) and out.clip_fraction.item() == 0.0
     # d loss / d logprob_t = -A_t / count, so the loss equals -sum(m A) / count at ratio 1.
     m = b["mask"].double()
@@ -147,27 +202,45 @@ def test_compile_fullgraph_and_opcheck():
         return out.loss, out.clip_fraction
 
     loss, clip = step(hidden, weight)
-    eager = ok.grpo_loss(hidden, weight, b["targets"], b["advantages"], b["mask"],
-                         old_logprobs=b["old"])  # fmt: skip
+    eager = ok.grpo_loss(
+        hidden, weight, b["targets"], b["advantages"], b["mask"], old_logprobs=b["old"]
+    )
     assert torch.allclose(loss, eager.loss) and torch.allclose(clip, eager.clip_fraction)
-    for got, want in zip(torch.autograd.grad(loss, (hidden, weight)),
-                         torch.autograd.grad(eager.loss, (hidden, weight))):  # fmt: skip
+    for got, want in zip(
+        torch.autograd.grad(loss, (hidden, weight)),
+        torch.autograd.grad(eager.loss, (hidden, weight)),
+    ):
         assert torch.allclose(got, want, atol=1e-6)
     n = b["targets"].numel()
     flat_w = torch.full((n,), 1.0 / n)
     torch.library.opcheck(
         torch.ops.oar.grpo_loss.default,
-        (hidden.detach().reshape(n, -1).requires_grad_(), weight, b["targets"].reshape(-1),
-         b["advantages"].reshape(-1), flat_w, flat_w, b["old"].reshape(-1), None, None,
-         0.2, 0.2, 0.0, 1.0),
-    )  # fmt: skip
+        (
+            hidden.detach().reshape(n, -1).requires_grad_(),
+            weight,
+            b["targets"].reshape(-1),
+            b["advantages"].reshape(-1),
+            flat_w,
+            flat_w,
+            b["old"].reshape(-1),
+            None,
+            None,
+            0.2,
+            0.2,
+            0.0,
+            1.0,
+        ),
+    )
 
 
 def _bad_calls():
     b = _batch(torch.float32, "cpu")
     h, w, t, a, m = b["hidden"], b["weight"], b["targets"], b["advantages"], b["mask"]
-    call = lambda **kw: ok.grpo_loss(**{**dict(hidden=h, weight=w, targets=t, advantages=a,  # noqa: E731
-                                        mask=m), **kw})  # fmt: skip
+    defaults = dict(hidden=h, weight=w, targets=t, advantages=a, mask=m)
+
+    def call(**overrides):
+        return ok.grpo_loss(**{**defaults, **overrides})
+
     return [
         ("hidden-2d", lambda: call(hidden=h[0]), ValueError, "hidden"),
         ("loss-type", lambda: call(loss_type="ppo"), ValueError, "loss_type"),
@@ -188,8 +261,9 @@ def test_bad_input_raises_clear_error(case):
 
 def test_triton_chunk_steps_in_the_fused_loss(monkeypatch):
     device = triton_device_or_skip(logprobs.triton)
-    monkeypatch.setattr(loss_module, "chunk_steps",
-                        lambda h: (logprobs._fold_triton, logprobs._logits_grad_triton))  # fmt: skip
+    monkeypatch.setattr(
+        loss_module, "chunk_steps", lambda h: (logprobs._fold_triton, logprobs._logits_grad_triton)
+    )
     b = _batch(torch.float32, device, vocab=300)
     hidden = b["hidden"].requires_grad_()
     kwargs = dict(old_logprobs=b["old"], ref_logprobs=b["ref"], beta=0.05, temperature=0.8)

@@ -9,13 +9,13 @@ from hypothesis import strategies as st
 import oar_kernels as ok
 from oar_kernels import _extension, reshape
 from oar_kernels.testing import (
-    check_bad_call,
     SCORE_KINDS,
     assert_python_passes,
     assert_verbose_allclose,
+    check_bad_call,
+    device_params,
     paper_numpy_weights,
     random_ragged_scores,
-    device_params,
     triton_device_or_skip,
 )
 
@@ -101,9 +101,11 @@ def test_reference_matches_paper_numpy_procedure(seed):
     kind = SCORE_KINDS[seed % len(SCORE_KINDS)]
     scores, mask = random_ragged_scores(7, 200, density=0.7, kind=kind, seed=seed)
     params = dict(
-        tau=float(rng.uniform()), beta=float(rng.uniform(0, 3)),
-        floor=float(rng.uniform(0, 0.5)), preserve_mass=bool(seed % 2),
-    )  # fmt: skip
+        tau=float(rng.uniform()),
+        beta=float(rng.uniform(0, 3)),
+        floor=float(rng.uniform(0, 0.5)),
+        preserve_mass=bool(seed % 2),
+    )
     expected = paper_numpy_weights(scores.numpy(), mask.numpy(), **params)
     got = reshape.bilevel_weights_reference(scores, mask, **params)
     assert_verbose_allclose(got, expected, rtol=1e-12, atol=1e-12, name="reference")
@@ -165,9 +167,10 @@ def test_empty_batch_returns_empty(device):
         weights = ok.bilevel_weights(torch.zeros(shape, device=device), torch.zeros(shape) > 0)
         assert weights.shape == shape and weights.dtype == torch.float32
         adv = ok.reshape_advantages(
-            torch.zeros(shape[0], device=device), torch.zeros(shape, device=device),
+            torch.zeros(shape[0], device=device),
+            torch.zeros(shape, device=device),
             torch.zeros(shape, dtype=torch.bool, device=device),
-        )  # fmt: skip
+        )
         assert adv.shape == shape
 
 
@@ -230,17 +233,23 @@ def _bad_calls():
         ("beta-neg", lambda: ok.bilevel_weights(s, m, beta=-0.1), ValueError, "beta"),
         ("floor-high", lambda: ok.bilevel_weights(s, m, floor=1.1), ValueError, "floor"),
         ("floor-neg", lambda: ok.bilevel_weights(s, m, floor=-0.1), ValueError, "floor"),
-        ("preserve-int", lambda: ok.bilevel_weights(s, m, preserve_mass=1), TypeError,
-         "preserve_mass"),
+        (
+            "preserve-int",
+            lambda: ok.bilevel_weights(s, m, preserve_mass=1),
+            TypeError,
+            "preserve_mass",
+        ),
         ("devices", lambda: ok.bilevel_weights(s, m.to("meta")), ValueError, "one device"),
-        ("adv-shape", lambda: ok.reshape_advantages(torch.ones(3), s, m), ValueError,
-         "advantages"),
+        ("adv-shape", lambda: ok.reshape_advantages(torch.ones(3), s, m), ValueError, "advantages"),
         ("adv-int", lambda: ok.reshape_advantages(a.long(), s, m), TypeError, "advantages"),
-        ("adv-nan", lambda: ok.reshape_advantages(a * float("nan"), s, m), ValueError,
-         "advantages must be finite"),
-        ("adv-device", lambda: ok.reshape_advantages(a.to("meta"), s, m), ValueError,
-         "one device"),
-    ]  # fmt: skip
+        (
+            "adv-nan",
+            lambda: ok.reshape_advantages(a * float("nan"), s, m),
+            ValueError,
+            "advantages must be finite",
+        ),
+        ("adv-device", lambda: ok.reshape_advantages(a.to("meta"), s, m), ValueError, "one device"),
+    ]
 
 
 @pytest.mark.parametrize("case", _bad_calls(), ids=lambda c: c[0])
@@ -274,7 +283,8 @@ def test_opcheck(device):
     args = (0.3, 2.0, 0.05, True)
     torch.library.opcheck(torch.ops.oar.bilevel_weights.default, (scores, mask, *args))
     torch.library.opcheck(
-        torch.ops.oar.reshape_advantages.default, (torch.randn(5, device=device), scores, mask, *args)
+        torch.ops.oar.reshape_advantages.default,
+        (torch.randn(5, device=device), scores, mask, *args),
     )
     torch.library.opcheck(
         torch.ops.oar.bilevel_weights_into.default,

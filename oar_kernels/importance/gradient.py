@@ -8,6 +8,7 @@ summed objective gives every row's gradient at once.
 
 Also here: the `oar::saliency` op (reference, torch, Triton) for that last reduction.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,13 +67,19 @@ def _saliency_triton(grad, embeds, score_mask):
     tokens, width = out.numel(), grad.shape[-1]
     if tokens:
         _saliency_kernel[(tokens,)](
-            grad, embeds, score_mask.contiguous().view(torch.uint8), out, width,
+            grad,
+            embeds,
+            score_mask.contiguous().view(torch.uint8),
+            out,
+            width,
             BLOCK_H=min(1024, triton.next_power_of_2(width)),
-        )  # fmt: skip
+        )
     return out
 
 
 lib.impl("saliency", _saliency_torch, "CPU")
+
+
 def _saliency_cuda(grad, embeds, score_mask):
     use_triton = triton is not None and grad.dtype != torch.float64
     return (_saliency_triton if use_triton else _saliency_torch)(grad, embeds, score_mask)
@@ -123,9 +130,11 @@ def _freeze_parameters(model):
 
 def _decode(model, embeds, attention_mask):
     out = model.get_decoder()(
-        inputs_embeds=embeds, attention_mask=attention_mask,
-        position_ids=position_ids_from(attention_mask), use_cache=False,
-    )  # fmt: skip
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from(attention_mask),
+        use_cache=False,
+    )
     return out.last_hidden_state
 
 
@@ -161,13 +170,23 @@ def _outcome_log_distribution(model, hidden, answer_mask, mode, last_pos, uses_l
     return torch.log_softmax(logits.float() if logits.dtype != torch.float64 else logits, -1)
 
 
-def _objective(model, input_ids, attention_mask, answer_mask, mode, clean_log_p, noisy_hidden,
-               last_pos, uses_last):  # fmt: skip
+def _objective(
+    model,
+    input_ids,
+    attention_mask,
+    answer_mask,
+    mode,
+    clean_log_p,
+    noisy_hidden,
+    last_pos,
+    uses_last,
+):
     """Sum over rows of J (SPEC section 5), differentiable through noisy_hidden."""
     total = 0.0
     if clean_log_p is not None:  # KL(P(x) || P_{e+eps}(x)) for KL rows
-        noisy_log_p = _outcome_log_distribution(model, noisy_hidden, answer_mask, mode, last_pos,
-                                                uses_last)  # fmt: skip
+        noisy_log_p = _outcome_log_distribution(
+            model, noisy_hidden, answer_mask, mode, last_pos, uses_last
+        )
         kl = (clean_log_p.exp() * (clean_log_p - noisy_log_p)).sum(-1)
         kl_rows = uses_last if mode == "answer_joint" else torch.ones_like(uses_last)
         total = total + torch.where(kl_rows, kl, 0.0).sum()
@@ -188,8 +207,9 @@ def _sequence_logprobs(model, hidden, input_ids, attention_mask):
     return out
 
 
-def _gradient_importance_batch(model, input_ids, attention_mask, score_mask, answer_mask, mode,
-                               noise, want_old_logprobs):  # fmt: skip
+def _gradient_importance_batch(
+    model, input_ids, attention_mask, score_mask, answer_mask, mode, noise, want_old_logprobs
+):
     """Scores [B, T] and, if asked, the clean per-token logprobs [B, T] of the same pass."""
     embeds = model.get_input_embeddings()(input_ids).detach()
     last_pos, uses_last = _outcome_positions(attention_mask, answer_mask, mode)
@@ -201,13 +221,23 @@ def _gradient_importance_batch(model, input_ids, attention_mask, score_mask, ans
         with torch.no_grad():
             clean_hidden = _decode(model, embeds, attention_mask)
     if needs_kl:
-        clean_log_p = _outcome_log_distribution(model, clean_hidden, answer_mask, mode, last_pos,
-                                                uses_last)  # fmt: skip
+        clean_log_p = _outcome_log_distribution(
+            model, clean_hidden, answer_mask, mode, last_pos, uses_last
+        )
     leaf = embeds.clone().requires_grad_()
     noisy = leaf + noise * score_mask[..., None].to(noise.dtype)
     hidden = _decode(model, noisy.to(embeds.dtype), attention_mask)
-    objective = _objective(model, input_ids, attention_mask, answer_mask, mode, clean_log_p,
-                           hidden, last_pos, uses_last)  # fmt: skip
+    objective = _objective(
+        model,
+        input_ids,
+        attention_mask,
+        answer_mask,
+        mode,
+        clean_log_p,
+        hidden,
+        last_pos,
+        uses_last,
+    )
     (grad,) = torch.autograd.grad(objective, leaf)
     scores = torch.ops.oar.saliency(grad, embeds, score_mask)
     old_logprobs = None
@@ -226,12 +256,17 @@ def _row_groups(rows: int, width: int, max_batch_tokens: int | None):
 def _check_batch(input_ids, attention_mask, score_mask, answer_mask, mode, noise_std):
     require_tensor("input_ids", input_ids)
     if input_ids.dim() != 2 or input_ids.is_floating_point():
-        raise ValueError(f"input_ids must be an integer [B, T] tensor, got {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"input_ids must be an integer [B, T] tensor, got {tuple(input_ids.shape)}"
+        )
     shape = input_ids.shape
     attention_mask = require_mask("attention_mask", attention_mask, shape)
     score_mask = require_mask("score_mask", score_mask, shape)
-    answer_mask = (torch.zeros_like(score_mask) if answer_mask is None
-                   else require_mask("answer_mask", answer_mask, shape))  # fmt: skip
+    answer_mask = (
+        torch.zeros_like(score_mask)
+        if answer_mask is None
+        else require_mask("answer_mask", answer_mask, shape)
+    )
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     noise_std = require_real_in("noise_std", noise_std, 0.0)
@@ -240,8 +275,20 @@ def _check_batch(input_ids, attention_mask, score_mask, answer_mask, mode, noise
     return attention_mask, score_mask, answer_mask, noise_std
 
 
-def run_gradient_importance(model, input_ids, attention_mask, score_mask, answer_mask, *, mode,
-                            noise_std, generator, max_batch_tokens, noise, want_old_logprobs):  # fmt: skip
+def run_gradient_importance(
+    model,
+    input_ids,
+    attention_mask,
+    score_mask,
+    answer_mask,
+    *,
+    mode,
+    noise_std,
+    generator,
+    max_batch_tokens,
+    noise,
+    want_old_logprobs,
+):
     """Validated batch -> (scores [B, T] float32, old logprobs [B, T] float32 or None)."""
     attention_mask, score_mask, answer_mask, noise_std = _check_batch(
         input_ids, attention_mask, score_mask, answer_mask, mode, noise_std
@@ -250,16 +297,26 @@ def run_gradient_importance(model, input_ids, attention_mask, score_mask, answer
     embed = model.get_input_embeddings()
     if noise is None:
         gen_device = generator.device if generator is not None else input_ids.device
-        noise = torch.randn((*shape, embed.weight.shape[1]), generator=generator,
-                            device=gen_device).to(input_ids.device) * noise_std  # fmt: skip
+        noise = (
+            torch.randn((*shape, embed.weight.shape[1]), generator=generator, device=gen_device).to(
+                input_ids.device
+            )
+            * noise_std
+        )
     scores = torch.zeros(shape, dtype=torch.float32, device=input_ids.device)
     old = torch.zeros_like(scores) if want_old_logprobs else None
     with _freeze_parameters(model), torch.enable_grad():
         for rows in _row_groups(shape[0], shape[1], max_batch_tokens):
             scores[rows], old_rows = _gradient_importance_batch(
-                model, input_ids[rows], attention_mask[rows].long(), score_mask[rows],
-                answer_mask[rows], mode, noise[rows].to(embed.weight.dtype), want_old_logprobs,
-            )  # fmt: skip
+                model,
+                input_ids[rows],
+                attention_mask[rows].long(),
+                score_mask[rows],
+                answer_mask[rows],
+                mode,
+                noise[rows].to(embed.weight.dtype),
+                want_old_logprobs,
+            )
             if old is not None:
                 old[rows] = old_rows
     return scores, old
@@ -289,8 +346,16 @@ def gradient_importance(
     Returns [B, T] float32 scores, 0 outside score_mask. Parameter .grad is never touched.
     """
     scores, _ = run_gradient_importance(
-        model, input_ids, attention_mask, score_mask, answer_mask, mode=mode,
-        noise_std=noise_std, generator=generator, max_batch_tokens=max_batch_tokens,
-        noise=_noise, want_old_logprobs=False,
-    )  # fmt: skip
+        model,
+        input_ids,
+        attention_mask,
+        score_mask,
+        answer_mask,
+        mode=mode,
+        noise_std=noise_std,
+        generator=generator,
+        max_batch_tokens=max_batch_tokens,
+        noise=_noise,
+        want_old_logprobs=False,
+    )
     return scores
