@@ -11,7 +11,7 @@ from oar_kernels import (
     _ops,  # noqa: F401  (defines the oar:: schemas first)
 )
 from oar_kernels._info import info
-from oar_kernels.importance import gradient_importance
+from oar_kernels.importance import gradient_importance, perturbation_importance
 from oar_kernels.logprobs import token_logprobs
 from oar_kernels.loss import GRPOLoss, grpo_loss
 from oar_kernels.pipeline import OARAdvantages, oar_advantages
@@ -26,6 +26,7 @@ __all__ = [
     "grpo_loss",
     "info",
     "oar_advantages",
+    "perturbation_importance",
     "reshape_advantages",
     "token_logprobs",
     "__version__",

@@ -118,6 +118,55 @@ def assert_python_passes(code: str, **env: str) -> None:
     assert done.returncode == 0, done.stderr
 
 
+TINY_VOCAB, TINY_WIDTH = 61, 32
+
+
+def tiny_causal_lm(kind: str, seed: int = 0):
+    """A tiny random Llama or Qwen2 causal LM built from a config (no downloads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=TINY_VOCAB,
+        hidden_size=TINY_WIDTH,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = (
+        LlamaForCausalLM(LlamaConfig(**common))
+        if kind == "llama"
+        else Qwen2ForCausalLM(Qwen2Config(**common))
+    )
+    return model.eval()
+
+
+def ragged_rollouts(seed: int, left_pad: bool, rows: int = 4, width: int = 12):
+    """Rows of different lengths, a scored span anywhere in the completion, an answer span
+    after it (one row without), and per-row noise for the real tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [width, width - 3, width - 5, width - 1][:rows]
+    ids = torch.zeros(rows, width, dtype=torch.long)
+    attn, score, answer = (torch.zeros(rows, width, dtype=torch.bool) for _ in range(3))
+    noise = torch.zeros(rows, width, TINY_WIDTH, dtype=torch.float64)
+    per_row = []
+    for r, n in enumerate(lengths):
+        row_ids = torch.randint(1, TINY_VOCAB, (n,), generator=gen)
+        s, a = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+        start = int(torch.randint(1, n - 4, (1,), generator=gen))
+        s[start : n - 2] = True
+        if r != 1:  # row 1 has no answer span: it falls back to `last`
+            a[n - 2 :] = True
+        row_noise = torch.randn(n, TINY_WIDTH, generator=gen, dtype=torch.float64) * 1e-3
+        cols = slice(width - n, width) if left_pad else slice(0, n)
+        ids[r, cols], attn[r, cols], score[r, cols], answer[r, cols] = row_ids, True, s, a
+        noise[r, cols] = row_noise
+        per_row.append((row_ids, s, a, row_noise, cols))
+    return ids, attn, score, answer, noise, per_row
+
+
 def synchronized(fn, device: str):
     """Wraps `fn` so that CUDA work finishes inside the call (for benchmarks)."""
     if torch.device(device).type != "cuda":

@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import oar_kernels as ok
 from oar_kernels.importance import gradient
@@ -15,28 +14,14 @@ from oar_kernels.testing import (
     device_params,
     triton_device_or_skip,
 )
+from oar_kernels.testing import (
+    ragged_rollouts as ragged_batch,
+)
+from oar_kernels.testing import (
+    tiny_causal_lm as tiny_model,
+)
 
-VOCAB, WIDTH = 61, 32
 MODES = ["answer_joint", "answer_mean", "last"]
-
-
-def tiny_model(kind: str, seed: int = 0):
-    torch.manual_seed(seed)
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=WIDTH,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = (
-        LlamaForCausalLM(LlamaConfig(**common))
-        if kind == "llama"
-        else Qwen2ForCausalLM(Qwen2Config(**common))
-    )
-    return model.eval()
 
 
 def reference_row(model64, ids, score, answer, mode, noise):
@@ -68,30 +53,6 @@ def reference_row(model64, ids, score, answer, mode, noise):
         objective = (clean.exp() * (clean - outcome(noisy))).sum()
     (grad,) = torch.autograd.grad(objective, leaf)
     return torch.where(score, (grad[0] * embeds[0]).sum(-1).abs(), 0.0)
-
-
-def ragged_batch(seed: int, left_pad: bool, rows: int = 4, width: int = 12):
-    """Rows of different lengths, a scored span anywhere in the completion, an answer span
-    after it (one row without), and per-row noise for the real tokens."""
-    gen = torch.Generator().manual_seed(seed)
-    lengths = [width, width - 3, width - 5, width - 1][:rows]
-    ids = torch.zeros(rows, width, dtype=torch.long)
-    attn, score, answer = (torch.zeros(rows, width, dtype=torch.bool) for _ in range(3))
-    noise = torch.zeros(rows, width, WIDTH, dtype=torch.float64)
-    per_row = []
-    for r, n in enumerate(lengths):
-        row_ids = torch.randint(1, VOCAB, (n,), generator=gen)
-        s, a = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
-        start = int(torch.randint(1, n - 4, (1,), generator=gen))
-        s[start : n - 2] = True
-        if r != 1:  # row 1 has no answer span: it falls back to `last`
-            a[n - 2 :] = True
-        row_noise = torch.randn(n, WIDTH, generator=gen, dtype=torch.float64) * 1e-3
-        cols = slice(width - n, width) if left_pad else slice(0, n)
-        ids[r, cols], attn[r, cols], score[r, cols], answer[r, cols] = row_ids, True, s, a
-        noise[r, cols] = row_noise
-        per_row.append((row_ids, s, a, row_noise, cols))
-    return ids, attn, score, answer, noise, per_row
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])

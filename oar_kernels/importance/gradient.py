@@ -97,7 +97,7 @@ def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _outcome_positions(attention_mask, answer_mask, mode):
+def outcome_positions(attention_mask, answer_mask, mode):
     """Per row, the position whose logits `last` reads, and whether the row uses `last`
     (mode == "last", or no answer span). Returns ([B] long, [B] bool)."""
     has_answer = answer_mask.any(dim=1)
@@ -138,14 +138,14 @@ def _decode(model, embeds, attention_mask):
     return out.last_hidden_state
 
 
-def _lm_head(model):
+def lm_head_parameters(model):
     head = model.get_output_embeddings()
     return head.weight, getattr(head, "bias", None)
 
 
 def _answer_logprob_mean(model, hidden, input_ids, answer_mask):
     """phi per row: mean over answer tokens t of log p(x_t | h_{t-1}) ([B])."""
-    weight, bias = _lm_head(model)
+    weight, bias = lm_head_parameters(model)
     rows, cols = answer_mask[:, 1:].nonzero(as_tuple=True)
     cols = cols + 1  # answer token t is predicted at t - 1
     logp = token_logprobs(hidden[rows, cols - 1], weight, input_ids[rows, cols], bias=bias)
@@ -157,7 +157,7 @@ def _answer_logprob_mean(model, hidden, input_ids, answer_mask):
 def _outcome_log_distribution(model, hidden, answer_mask, mode, last_pos, uses_last):
     """log P per row ([B, V]): softmax of the mean answer logits (answer_mean) or of the
     logits at last_pos (last, and rows without an answer span)."""
-    weight, bias = _lm_head(model)
+    weight, bias = lm_head_parameters(model)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     logits = torch.nn.functional.linear(hidden[rows, last_pos], weight, bias)
     if mode == "answer_mean":
@@ -198,7 +198,7 @@ def _objective(
 
 def _sequence_logprobs(model, hidden, input_ids, attention_mask):
     """log p(x_t | x_<t) at every real token with a real predecessor, 0 elsewhere ([B, T])."""
-    weight, bias = _lm_head(model)
+    weight, bias = lm_head_parameters(model)
     with torch.no_grad():
         logp = token_logprobs(hidden[:, :-1].detach(), weight, input_ids[:, 1:], bias=bias)
     valid = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
@@ -212,7 +212,7 @@ def _gradient_importance_batch(
 ):
     """Scores [B, T] and, if asked, the clean per-token logprobs [B, T] of the same pass."""
     embeds = model.get_input_embeddings()(input_ids).detach()
-    last_pos, uses_last = _outcome_positions(attention_mask, answer_mask, mode)
+    last_pos, uses_last = outcome_positions(attention_mask, answer_mask, mode)
     needs_kl = mode != "answer_joint" or bool(uses_last.any())
     noiseless = not bool(noise.any())
     clean_hidden = clean_log_p = None
@@ -253,7 +253,7 @@ def _row_groups(rows: int, width: int, max_batch_tokens: int | None):
     return [slice(start, min(rows, start + per_group)) for start in range(0, rows, per_group)]
 
 
-def _check_batch(input_ids, attention_mask, score_mask, answer_mask, mode, noise_std):
+def check_batch(input_ids, attention_mask, score_mask, answer_mask, mode, noise_std):
     require_tensor("input_ids", input_ids)
     if input_ids.dim() != 2 or input_ids.is_floating_point():
         raise ValueError(
@@ -290,7 +290,7 @@ def run_gradient_importance(
     want_old_logprobs,
 ):
     """Validated batch -> (scores [B, T] float32, old logprobs [B, T] float32 or None)."""
-    attention_mask, score_mask, answer_mask, noise_std = _check_batch(
+    attention_mask, score_mask, answer_mask, noise_std = check_batch(
         input_ids, attention_mask, score_mask, answer_mask, mode, noise_std
     )
     shape = input_ids.shape
