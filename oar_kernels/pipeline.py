@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import torch
 
 from oar_kernels import reshape
-from oar_kernels.importance.gradient import run_gradient_importance
+from oar_kernels.importance.gradient import clean_sequence_logprobs, run_gradient_importance
+from oar_kernels.importance.perturbation import perturbation_importance
 
-METHODS = ("gradient",)  # "perturbation" (OAR-P) arrives with issue 5
+METHODS = ("gradient", "perturbation")
 
 
 @dataclass
@@ -31,6 +32,7 @@ def oar_advantages(
     method: str = "gradient",
     mode: str = "answer_joint",
     noise_std: float | None = None,
+    mask_token_id: int | None = None,
     generator: torch.Generator | None = None,
     max_batch_tokens: int | None = None,
     tau: float = reshape.TAU,
@@ -44,26 +46,44 @@ def oar_advantages(
     the per-token old logprobs the GRPO step needs anyway, and one input-only backward yields
     the saliency. noise_std defaults to 0 there (so the old logprobs are exact; SPEC section 5
     allows it) and to 1e-3 in the KL modes, whose clean forward gives the old logprobs.
+    method="perturbation" (OAR-P) needs mask_token_id; its old logprobs come from one extra
+    clean forward of the batch.
     advantages: [B] (GRPO's per-sequence advantages) or [B, T]. Other arguments as in
-    `gradient_importance` and `reshape_advantages`.
+    `gradient_importance`, `perturbation_importance` and `reshape_advantages`.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if noise_std is None:
-        noise_std = 0.0 if mode == "answer_joint" else 1e-3
-    scores, old_logprobs = run_gradient_importance(
-        model,
-        input_ids,
-        attention_mask,
-        score_mask,
-        answer_mask,
-        mode=mode,
-        noise_std=noise_std,
-        generator=generator,
-        max_batch_tokens=max_batch_tokens,
-        noise=None,
-        want_old_logprobs=True,
-    )
+    if method == "perturbation":
+        if mask_token_id is None:
+            raise ValueError('method="perturbation" needs mask_token_id')
+        budget = {} if max_batch_tokens is None else {"max_batch_tokens": max_batch_tokens}
+        scores = perturbation_importance(
+            model,
+            input_ids,
+            attention_mask,
+            score_mask,
+            answer_mask,
+            mode=mode,
+            mask_token_id=mask_token_id,
+            **budget,
+        )
+        old_logprobs = clean_sequence_logprobs(model, input_ids, attention_mask)
+    else:
+        if noise_std is None:
+            noise_std = 0.0 if mode == "answer_joint" else 1e-3
+        scores, old_logprobs = run_gradient_importance(
+            model,
+            input_ids,
+            attention_mask,
+            score_mask,
+            answer_mask,
+            mode=mode,
+            noise_std=noise_std,
+            generator=generator,
+            max_batch_tokens=max_batch_tokens,
+            noise=None,
+            want_old_logprobs=True,
+        )
     reshape.check_advantages(advantages, scores)
     weights = reshape.bilevel_weights(
         scores, score_mask, tau=tau, beta=beta, floor=floor, preserve_mass=preserve_mass

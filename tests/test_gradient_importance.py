@@ -234,6 +234,8 @@ def test_oar_advantages_rejects_unknown_method_and_bad_advantages():
     model = tiny_model("llama")
     ids, attn, score, answer, *_ = ragged_batch(seed=0, left_pad=False)
     with pytest.raises(ValueError, match="method"):
+        ok.oar_advantages(model, ids, attn, score, answer, torch.ones(4), method="saliency")
+    with pytest.raises(ValueError, match="mask_token_id"):
         ok.oar_advantages(model, ids, attn, score, answer, torch.ones(4), method="perturbation")
     with pytest.raises(ValueError, match="advantages"):
         ok.oar_advantages(model, ids, attn, score, answer, torch.ones(3))

@@ -207,6 +207,14 @@ def _sequence_logprobs(model, hidden, input_ids, attention_mask):
     return out
 
 
+def clean_sequence_logprobs(model, input_ids, attention_mask):
+    """Per-token logprobs [B, T] float32 of one clean batched forward (0 where undefined)."""
+    embeds = model.get_input_embeddings()(input_ids)
+    with torch.no_grad():
+        hidden = _decode(model, embeds, attention_mask.long())
+    return _sequence_logprobs(model, hidden, input_ids, attention_mask.long())
+
+
 def _gradient_importance_batch(
     model, input_ids, attention_mask, score_mask, answer_mask, mode, noise, want_old_logprobs
 ):
