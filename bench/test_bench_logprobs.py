@@ -5,15 +5,13 @@ memory each adds (measured in a fresh process).
     pytest bench/test_bench_logprobs.py --benchmark-only
 """
 
-import json
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import oar_kernels as ok
-from oar_kernels.testing import synchronized
+from oar_kernels.testing import peak_bytes_in_subprocess, synchronized
 
 CUDA = torch.cuda.is_available()
 # CPU shapes are scaled down (2 cores); CUDA rows use the issue's training shapes.
@@ -91,48 +89,20 @@ LOGPROB_IMPLS = [
 ]
 LOSS_IMPLS = ["loss-unfused", "loss-oar-fused"]
 
-_PEAK_SCRIPT = """
-import json, os, sys, threading, time, torch, oar_kernels as ok
-sys.path.insert(0, {bench_dir!r})
-from test_bench_logprobs import IMPLS
-rows, width, vocab, impl, device = {args!r}
-dtype = torch.bfloat16 if device == "cuda" else torch.float32
-hidden = torch.randn(rows, width, device=device, dtype=dtype, requires_grad=True)
-weight = (torch.randn(vocab, width, device=device, dtype=dtype) / width**0.5).requires_grad_()
-targets = torch.randint(0, vocab, (rows,), device=device)
-page = os.sysconf("SC_PAGE_SIZE")
-def resident():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * page
-def run():
-    IMPLS[impl](hidden, weight, targets).sum().backward()
-if device == "cuda":
-    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated(); run(); torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-else:
-    # CPU has no allocator statistics: sample the resident set while the step runs.
-    base, peak, done = resident(), 0, False
-    def sample():
-        global peak
-        while not done:
-            peak = max(peak, resident() - base)
-            time.sleep(0.0005)
-    sampler = threading.Thread(target=sample); sampler.start()
-    run(); done = True; sampler.join()
-print(json.dumps(peak))
-"""
-
 
 def peak_bytes(rows, width, vocab, impl):
-    """Memory a fwd+bwd adds on top of its inputs, in a fresh process (CPU: sampled RSS)."""
-    script = _PEAK_SCRIPT.format(
-        bench_dir=str(__import__("pathlib").Path(__file__).parent),
-        args=(rows, width, vocab, impl, DEVICE),
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """Memory a fwd+bwd adds on top of its inputs, in a fresh process."""
+    setup = f"""
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_bench_logprobs import IMPLS
+dtype = torch.bfloat16 if {DEVICE!r} == "cuda" else torch.float32
+hidden = torch.randn({rows}, {width}, device={DEVICE!r}, dtype=dtype, requires_grad=True)
+weight = (torch.randn({vocab}, {width}, device={DEVICE!r}, dtype=dtype) / {width}**0.5)
+weight.requires_grad_()
+targets = torch.randint(0, {vocab}, ({rows},), device={DEVICE!r})
+"""
+    run = f"IMPLS[{impl!r}](hidden, weight, targets).sum().backward()"
+    return peak_bytes_in_subprocess(setup, run, DEVICE)
 
 
 @pytest.mark.parametrize("impl", LOGPROB_IMPLS)

@@ -167,6 +167,48 @@ def ragged_rollouts(seed: int, left_pad: bool, rows: int = 4, width: int = 12):
     return ids, attn, score, answer, noise, per_row
 
 
+_PEAK_HARNESS = """
+import json, os, sys, threading, time
+import torch
+{setup}
+def run():
+{run}
+page = os.sysconf("SC_PAGE_SIZE")
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page
+if {device!r} == "cuda":
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated(); run(); torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+else:
+    # CPU has no allocator statistics: sample the resident set while the step runs.
+    base, peak, done = resident(), 0, False
+    def sample():
+        global peak
+        while not done:
+            peak = max(peak, resident() - base)
+            time.sleep(0.0005)
+    sampler = threading.Thread(target=sample); sampler.start()
+    run(); done = True; sampler.join()
+print(json.dumps(peak))
+"""
+
+
+def peak_bytes_in_subprocess(setup: str, run: str, device: str) -> int:
+    """Memory that `run` adds on top of what `setup` built, measured in a fresh interpreter:
+    the CUDA allocator's peak, or on CPU the resident set sampled every 0.5 ms."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    script = _PEAK_HARNESS.format(setup=setup, run=textwrap.indent(run, "    "), device=device)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def synchronized(fn, device: str):
     """Wraps `fn` so that CUDA work finishes inside the call (for benchmarks)."""
     if torch.device(device).type != "cuda":
