@@ -61,7 +61,6 @@ IMPLS = {"paper-loop": paper_loop, "shared-prefix": shared_prefix}
 
 def peak_bytes(impl, scored):
     setup = f"""
-import warnings; warnings.simplefilter("ignore")
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_bench_perturbation import IMPLS, bench_model, bench_row
 model, batch = bench_model(), bench_row({scored})
@@ -69,7 +68,6 @@ model, batch = bench_model(), bench_row({scored})
     return peak_bytes_in_subprocess(setup, f"IMPLS[{impl!r}](model, *batch)", DEVICE)
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("scored", SCORED, ids=[f"R{r}" for r in SCORED])
 def test_perturbation_importance(benchmark, impl, scored):

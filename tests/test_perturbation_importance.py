@@ -14,9 +14,6 @@ from oar_kernels.testing import (
 MODES = ["last", "answer_mean", "answer_joint"]
 MASK_ID = 0
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
-
-
 def naive_importance(model, ids, score, answer, mode):
     """One full forward with full logits per counterfactual, one row at a time, float64."""
     positions = answer.nonzero().flatten().tolist()
