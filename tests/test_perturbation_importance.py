@@ -14,6 +14,7 @@ from oar_kernels.testing import (
 MODES = ["last", "answer_mean", "answer_joint"]
 MASK_ID = 0
 
+
 def naive_importance(model, ids, score, answer, mode):
     """One full forward with full logits per counterfactual, one row at a time, float64."""
     positions = answer.nonzero().flatten().tolist()
