@@ -111,21 +111,18 @@ def outcome_positions(attention_mask, answer_mask, mode):
     return last_pos, uses_last
 
 
-def _freeze_parameters(model):
-    """Context: parameters require no grad during the pass, and are restored after."""
-
-    @contextlib.contextmanager
-    def frozen():
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        for p, _ in flags:
-            p.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for p, flag in flags:
-                p.requires_grad_(flag)
-
-    return frozen()
+@contextlib.contextmanager
+def _frozen_parameters(model):
+    """Parameters require no grad during the pass (so the backward reaches only the input
+    embeddings) and get their flags back after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def _decode(model, embeds, attention_mask):
@@ -167,13 +164,12 @@ def _outcome_log_distribution(model, hidden, answer_mask, mode, last_pos, uses_l
         mean_hidden = mean_hidden / predicting.sum(1, keepdim=True).clamp(min=1)
         mean_logits = torch.nn.functional.linear(mean_hidden, weight, bias)
         logits = torch.where(uses_last[:, None], logits, mean_logits)
-    return torch.log_softmax(logits.float() if logits.dtype != torch.float64 else logits, -1)
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
 
 
 def _objective(
     model,
     input_ids,
-    attention_mask,
     answer_mask,
     mode,
     clean_log_p,
@@ -236,15 +232,7 @@ def _gradient_importance_batch(
     noisy = leaf + noise * score_mask[..., None].to(noise.dtype)
     hidden = _decode(model, noisy.to(embeds.dtype), attention_mask)
     objective = _objective(
-        model,
-        input_ids,
-        attention_mask,
-        answer_mask,
-        mode,
-        clean_log_p,
-        hidden,
-        last_pos,
-        uses_last,
+        model, input_ids, answer_mask, mode, clean_log_p, hidden, last_pos, uses_last
     )
     (grad,) = torch.autograd.grad(objective, leaf)
     scores = torch.ops.oar.saliency(grad, embeds, score_mask)
@@ -313,7 +301,7 @@ def run_gradient_importance(
         )
     scores = torch.zeros(shape, dtype=torch.float32, device=input_ids.device)
     old = torch.zeros_like(scores) if want_old_logprobs else None
-    with _freeze_parameters(model), torch.enable_grad():
+    with _frozen_parameters(model), torch.enable_grad():
         for rows in _row_groups(shape[0], shape[1], max_batch_tokens):
             scores[rows], old_rows = _gradient_importance_batch(
                 model,
