@@ -7,8 +7,8 @@ The README has the math and examples; `oar_kernels.info()` lists the active back
 """
 
 from oar_kernels import (
-    _extension,  # noqa: F401  (then the C++ kernels register against them)
-    _ops,  # noqa: F401  (defines the oar:: schemas first)
+    _extension,  # noqa: F401  (schemas, then the C++ kernels)
+    spans,
 )
 from oar_kernels._info import info
 from oar_kernels.importance import gradient_importance, perturbation_importance
@@ -28,6 +28,7 @@ __all__ = [
     "oar_advantages",
     "perturbation_importance",
     "reshape_advantages",
+    "spans",
     "token_logprobs",
     "__version__",
 ]

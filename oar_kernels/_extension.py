@@ -2,6 +2,8 @@
 
 import os
 
+from oar_kernels import _ops  # noqa: F401  (the schemas exist before the C++ kernels register)
+
 LOADED = False
 STATUS = "not built"
 
