@@ -1,0 +1,1 @@
+"""Adapters for existing trainers: `oar_kernels.integrations.trl.OARGRPOTrainer`."""

@@ -1,0 +1,111 @@
+"""OARGRPOTrainer against the real TRL: a few GRPO steps on CPU with a tiny model and a
+tokenizer built here; the per-token advantages reaching TRL's loss equal the package's ops."""
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl", reason="trl is not installed (pip install '.[oar]')")
+datasets = pytest.importorskip("datasets", reason="datasets is not installed (comes with trl)")
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+import oar_kernels as ok  # noqa: E402
+from oar_kernels.integrations.trl import OARGRPOTrainer  # noqa: E402
+
+PROMPTS = [
+    "What is 2 + 3? Think, then write \\boxed{answer}.",
+    "What is 4 + 4? Answer in \\boxed{}.",
+]
+
+
+def _tokenizer():
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    bpe.train_from_iterator(PROMPTS * 10 + ["2 + 3 = 5 so \\boxed{5}", "4 + 4 = 8 \\boxed{8}"] * 10,
+                            trainer)  # fmt: skip
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>")
+
+
+def _reward(completions, **_):
+    return [float("\\boxed{" in c) + 0.1 * len(c) % 1.0 for c in completions]
+
+
+@pytest.fixture
+def trainer_parts(tmp_path):
+    torch.manual_seed(0)
+    tokenizer = _tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4,
+                          num_generations=4, max_completion_length=12, max_steps=2,
+                          learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True,
+                          save_strategy="no", seed=0)  # fmt: skip
+    dataset = datasets.Dataset.from_dict({"prompt": PROMPTS * 4})
+    return dict(model=LlamaForCausalLM(config), reward_funcs=_reward, args=args,
+                train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+
+
+def _package_advantages(model, tokenizer, out, per_sequence):
+    """What the package's own ops give for a generated batch: [B, T_completion]."""
+    prompt_len = out["prompt_ids"].shape[1]
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    attn = torch.cat([out["prompt_mask"], out["completion_mask"]], 1).bool()
+    completion = torch.cat([torch.zeros_like(out["prompt_mask"]), out["completion_mask"]], 1)
+    score, answer = ok.spans.completion_spans(tokenizer, ids, completion.bool())
+    scores = ok.gradient_importance(model, ids, attn, score, answer, noise_std=0.0)
+    return ok.reshape_advantages(per_sequence, scores, score)[:, prompt_len:]
+
+
+def _row_key(inputs, r):
+    return (tuple(inputs["prompt_ids"][r].tolist()), tuple(inputs["completion_ids"][r].tolist()))
+
+
+def test_trains_and_per_token_advantages_equal_the_package_ops(trainer_parts, monkeypatch):
+    expected, received = {}, []
+    base = trl.GRPOTrainer._generate_and_score_completions
+
+    def scored_by_package(self, inputs):
+        out = base(self, inputs)
+        model = self.accelerator.unwrap_model(self.model)
+        want = _package_advantages(model, self.processing_class, out, out["advantages"])
+        for r in range(want.shape[0]):
+            expected[_row_key(out, r)] = want[r]
+        return out
+
+    class Recording(OARGRPOTrainer):
+        def _compute_loss(self, model, inputs):
+            received.append({k: v.clone() for k, v in inputs.items() if torch.is_tensor(v)})
+            return super()._compute_loss(model, inputs)
+
+    monkeypatch.setattr(trl.GRPOTrainer, "_generate_and_score_completions", scored_by_package)
+    trainer = Recording(**trainer_parts, oar_method="gradient", oar_mode="answer_joint")
+    result = trainer.train()
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+    assert any("oar/top10_mass" in entry for entry in trainer.state.log_history)
+    assert received
+    # The reshape did something: some row's advantage varies along its completion.
+    assert any((adv != adv[:1]).any() for inputs in received for adv in inputs["advantages"])
+    for inputs in received:
+        got = inputs["advantages"]
+        assert got.dim() == 2 and got.shape == inputs["completion_ids"].shape
+        for r in range(got.shape[0]):
+            want = expected[_row_key(inputs, r)]
+            torch.testing.assert_close(got[r], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("use_liger_kernel", True, "use_liger_kernel"),
+    ("loss_type", "luspo", "token-level"),
+])  # fmt: skip
+def test_refuses_options_without_per_token_advantages(trainer_parts, option, value, message):
+    setattr(trainer_parts["args"], option, value)
+    if option == "loss_type":
+        trainer_parts["args"].importance_sampling_level = "sequence"
+    with pytest.raises(ValueError, match=message):
+        OARGRPOTrainer(**trainer_parts)
