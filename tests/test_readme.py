@@ -1,4 +1,5 @@
-"""The README's Python examples run as written."""
+"""The README's Python examples run as written (```python blocks; ```py blocks are fragments
+that need a user's model and data, exercised by tests/test_trl_integration.py)."""
 
 import pathlib
 import re
