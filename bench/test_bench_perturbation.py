@@ -21,9 +21,15 @@ MASK_ID = 0
 
 def bench_model():
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=344,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=PROMPT + max(SCORED) + ANSWER)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=PROMPT + max(SCORED) + ANSWER,
+    )
     return LlamaForCausalLM(config).to(DEVICE).eval()
 
 
@@ -52,8 +58,9 @@ def paper_loop(model, ids, attn, score, answer):
 
 
 def shared_prefix(model, ids, attn, score, answer):
-    return ok.perturbation_importance(model, ids, attn, score, answer, mode="last",
-                                      mask_token_id=MASK_ID, max_batch_tokens=8192)  # fmt: skip
+    return ok.perturbation_importance(
+        model, ids, attn, score, answer, mode="last", mask_token_id=MASK_ID, max_batch_tokens=8192
+    )
 
 
 IMPLS = {"paper-loop": paper_loop, "shared-prefix": shared_prefix}

@@ -52,8 +52,9 @@ def naive_importance(model, ids, score, answer, mode):
 def test_matches_naive_full_forwards(kind, mode, left_pad, budget):
     model = tiny_causal_lm(kind).double()
     ids, attn, score, answer, _, per_row = ragged_rollouts(seed=13, left_pad=left_pad)
-    got = ok.perturbation_importance(model, ids, attn, score, answer, mode=mode,
-                                     mask_token_id=MASK_ID, max_batch_tokens=budget)  # fmt: skip
+    got = ok.perturbation_importance(
+        model, ids, attn, score, answer, mode=mode, mask_token_id=MASK_ID, max_batch_tokens=budget
+    )
     for r, (row_ids, s, a, _, cols) in enumerate(per_row):
         want = naive_importance(model, row_ids, s, a, mode)
         assert_verbose_allclose(got[r, cols], want, rtol=1e-5, atol=1e-9, name=f"row {r}")
@@ -63,8 +64,9 @@ def test_matches_naive_full_forwards(kind, mode, left_pad, budget):
 def test_float32_model_matches_naive_in_float32():
     model = tiny_causal_lm("llama")
     ids, attn, score, answer, _, per_row = ragged_rollouts(seed=2, left_pad=True)
-    got = ok.perturbation_importance(model, ids, attn, score, answer, mode="answer_joint",
-                                     mask_token_id=MASK_ID)  # fmt: skip
+    got = ok.perturbation_importance(
+        model, ids, attn, score, answer, mode="answer_joint", mask_token_id=MASK_ID
+    )
     for r, (row_ids, s, a, _, cols) in enumerate(per_row):
         want = naive_importance(model, row_ids, s, a, "answer_joint")
         assert_verbose_allclose(got[r, cols], want, rtol=1e-3, atol=1e-5, name=f"row {r}")
@@ -73,8 +75,9 @@ def test_float32_model_matches_naive_in_float32():
 def test_work_done_is_less_than_naive_and_reported():
     model = tiny_causal_lm("llama")
     ids, attn, score, answer, _, _ = ragged_rollouts(seed=1, left_pad=False)
-    _, stats = ok.perturbation_importance(model, ids, attn, score, answer, mask_token_id=MASK_ID,
-                                          return_stats=True)  # fmt: skip
+    _, stats = ok.perturbation_importance(
+        model, ids, attn, score, answer, mask_token_id=MASK_ID, return_stats=True
+    )
     rows = [(int(score[r].sum()), int(attn[r].sum())) for r in range(ids.shape[0])]
     assert stats.naive_token_forwards == sum(scored * length for scored, length in rows)
     assert stats.token_forwards < stats.naive_token_forwards
@@ -83,8 +86,14 @@ def test_work_done_is_less_than_naive_and_reported():
 def _bad_calls():
     model = tiny_causal_lm("llama")
     ids, attn, score, answer, _, _ = ragged_rollouts(seed=0, left_pad=False)
-    defaults = dict(model=model, input_ids=ids, attention_mask=attn, score_mask=score,
-                    answer_mask=answer, mask_token_id=MASK_ID)  # fmt: skip
+    defaults = dict(
+        model=model,
+        input_ids=ids,
+        attention_mask=attn,
+        score_mask=score,
+        answer_mask=answer,
+        mask_token_id=MASK_ID,
+    )
 
     def call(**overrides):
         return ok.perturbation_importance(**{**defaults, **overrides})
@@ -107,10 +116,20 @@ def test_oar_advantages_with_perturbation_equals_composing_the_parts():
     model = tiny_causal_lm("qwen2")
     ids, attn, score, answer, _, _ = ragged_rollouts(seed=6, left_pad=True)
     per_seq = torch.tensor([1.0, -1.0, 0.5, 2.0])
-    out = ok.oar_advantages(model, ids, attn, score, answer, per_seq, method="perturbation",
-                            mode="last", mask_token_id=MASK_ID)  # fmt: skip
-    scores = ok.perturbation_importance(model, ids, attn, score, answer, mode="last",
-                                        mask_token_id=MASK_ID)  # fmt: skip
+    out = ok.oar_advantages(
+        model,
+        ids,
+        attn,
+        score,
+        answer,
+        per_seq,
+        method="perturbation",
+        mode="last",
+        mask_token_id=MASK_ID,
+    )
+    scores = ok.perturbation_importance(
+        model, ids, attn, score, answer, mode="last", mask_token_id=MASK_ID
+    )
     assert torch.equal(out.scores, scores)
     assert torch.equal(out.advantages, ok.reshape_advantages(per_seq, scores, score))
     gradient_run = ok.oar_advantages(model, ids, attn, score, answer, per_seq)

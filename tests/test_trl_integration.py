@@ -23,10 +23,14 @@ def _tokenizer():
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    bpe.train_from_iterator(PROMPTS * 10 + ["2 + 3 = 5 so \\boxed{5}", "4 + 4 = 8 \\boxed{8}"] * 10,
-                            trainer)  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(
+        PROMPTS * 10 + ["2 + 3 = 5 so \\boxed{5}", "4 + 4 = 8 \\boxed{8}"] * 10, trainer
+    )
     return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>")
 
 
@@ -38,17 +42,38 @@ def _reward(completions, **_):
 def trainer_parts(tmp_path):
     torch.manual_seed(0)
     tokenizer = _tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-    args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4,
-                          num_generations=4, max_completion_length=12, max_steps=2,
-                          learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True,
-                          save_strategy="no", seed=0)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    args = trl.GRPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=12,
+        max_steps=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+    )
     dataset = datasets.Dataset.from_dict({"prompt": PROMPTS * 4})
-    return dict(model=LlamaForCausalLM(config), reward_funcs=_reward, args=args,
-                train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+    return dict(
+        model=LlamaForCausalLM(config),
+        reward_funcs=_reward,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
 
 
 def _package_advantages(model, tokenizer, out, per_sequence):
@@ -99,10 +124,13 @@ def test_trains_and_per_token_advantages_equal_the_package_ops(trainer_parts, mo
             torch.testing.assert_close(got[r], want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("use_liger_kernel", True, "use_liger_kernel"),
-    ("loss_type", "luspo", "token-level"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("use_liger_kernel", True, "use_liger_kernel"),
+        ("loss_type", "luspo", "token-level"),
+    ],
+)
 def test_refuses_options_without_per_token_advantages(trainer_parts, option, value, message):
     setattr(trainer_parts["args"], option, value)
     if option == "loss_type":

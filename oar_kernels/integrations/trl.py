@@ -44,11 +44,15 @@ class OARGRPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         # Options whose losses cannot take per-token advantages.
         if self.args.use_liger_kernel:
-            raise ValueError("OARGRPOTrainer needs use_liger_kernel=False: Liger's fused GRPO "
-                             "loss takes one advantage per sequence")  # fmt: skip
+            raise ValueError(
+                "OARGRPOTrainer needs use_liger_kernel=False: Liger's fused GRPO "
+                "loss takes one advantage per sequence"
+            )
         if self.args.loss_type == "luspo" or self.args.importance_sampling_level != "token":
-            raise ValueError("OARGRPOTrainer needs token-level losses: loss_type 'luspo' and "
-                             "importance_sampling_level != 'token' weigh whole sequences")  # fmt: skip
+            raise ValueError(
+                "OARGRPOTrainer needs token-level losses: loss_type 'luspo' and "
+                "importance_sampling_level != 'token' weigh whole sequences"
+            )
         self.oar_method, self.oar_mode, self.answer_format = oar_method, oar_mode, answer_format
         self.oar_reshape = dict(oar_reshape or {})
 
@@ -56,13 +60,26 @@ class OARGRPOTrainer(GRPOTrainer):
         model = self.accelerator.unwrap_model(self.model)
         if self.oar_method == "perturbation":
             mask_id = self.processing_class.pad_token_id
-            return perturbation_importance(model, input_ids, attention_mask, score_mask,
-                                           answer_mask, mode=self.oar_mode,
-                                           mask_token_id=mask_id)  # fmt: skip
+            return perturbation_importance(
+                model,
+                input_ids,
+                attention_mask,
+                score_mask,
+                answer_mask,
+                mode=self.oar_mode,
+                mask_token_id=mask_id,
+            )
         # Without noise the joint objective is deterministic (SPEC section 5 allows it).
         noise = 0.0 if self.oar_mode == "answer_joint" else 1e-3
-        return gradient_importance(model, input_ids, attention_mask, score_mask, answer_mask,
-                                   mode=self.oar_mode, noise_std=noise)  # fmt: skip
+        return gradient_importance(
+            model,
+            input_ids,
+            attention_mask,
+            score_mask,
+            answer_mask,
+            mode=self.oar_mode,
+            noise_std=noise,
+        )
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
@@ -71,7 +88,10 @@ class OARGRPOTrainer(GRPOTrainer):
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).bool()
         completion = torch.cat([torch.zeros_like(prompt_mask), completion_mask], dim=1).bool()
         score_mask, answer_mask = spans.completion_spans(
-            self.processing_class, input_ids.cpu(), completion.cpu(), answer_format=self.answer_format
+            self.processing_class,
+            input_ids.cpu(),
+            completion.cpu(),
+            answer_format=self.answer_format,
         )
         score_mask, answer_mask = score_mask.to(input_ids.device), answer_mask.to(input_ids.device)
         scores = self._importance(input_ids, attention_mask, score_mask, answer_mask)
