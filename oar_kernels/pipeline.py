@@ -91,3 +91,27 @@ def oar_advantages(
     return OARAdvantages(
         reshape.weigh_advantages(advantages.detach(), weights), scores, weights, old_logprobs
     )
+
+
+def weight_statistics(weights: torch.Tensor, score_mask: torch.Tensor) -> dict[str, float]:
+    """How concentrated a batch's Bi-Level weights are, for logs.
+
+    weights, score_mask: [B, T]. top10_mass is the mean over rows of the share of the row's
+    weight mass on its top 10% scored tokens (0.1 when the weights are flat); weight_min,
+    weight_max and weight_std are over all scored tokens. Empty dict when nothing is scored.
+    """
+    scored = weights[score_mask.bool()]
+    if scored.numel() == 0:
+        return {}
+    shares = []
+    for row, mask in zip(weights, score_mask.bool()):
+        w = row[mask]
+        if w.numel():
+            top = w.topk(max(1, int(0.1 * w.numel()))).values.sum()
+            shares.append((top / w.sum()).item())
+    return {
+        "top10_mass": sum(shares) / len(shares),
+        "weight_min": scored.min().item(),
+        "weight_max": scored.max().item(),
+        "weight_std": scored.float().std(correction=0).item(),
+    }

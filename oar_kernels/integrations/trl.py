@@ -17,6 +17,7 @@ from trl import GRPOTrainer
 
 from oar_kernels import reshape, spans
 from oar_kernels.importance import gradient_importance, perturbation_importance
+from oar_kernels.pipeline import weight_statistics
 
 METHODS = ("gradient", "perturbation")
 
@@ -104,15 +105,5 @@ class OARGRPOTrainer(GRPOTrainer):
     def _log_weights(self, weights, score_mask):
         """Share of the advantage mass on each row's top-10% tokens, and the weight spread."""
         mode = "train" if self.model.training else "eval"
-        scored = weights[score_mask]
-        if scored.numel() == 0:
-            return
-        top = []
-        for row, mask in zip(weights, score_mask):
-            w = row[mask]
-            if w.numel():
-                k = max(1, int(0.1 * w.numel()))
-                top.append((w.topk(k).values.sum() / w.sum()).item())
-        self._metrics[mode]["oar/top10_mass"].append(sum(top) / len(top))
-        self._metrics[mode]["oar/weight_max"].append(scored.max().item())
-        self._metrics[mode]["oar/weight_min"].append(scored.min().item())
+        for name, value in weight_statistics(weights, score_mask).items():
+            self._metrics[mode][f"oar/{name}"].append(value)

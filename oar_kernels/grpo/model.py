@@ -1,0 +1,141 @@
+"""The embedded policy: a small Llama-config transformers model over the task's character
+tokenizer, warm-started by a short supervised phase on worked solutions so that GRPO starts
+from a model that is sometimes right. The warm start is cached on disk, keyed by everything
+that shapes it, so a second run (and every seed and method of the demo) skips it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from oar_kernels.grpo.task import Problem, make_problem
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    max_length: int = 256  # positions; a 3-digit problem + solution is about 110 characters
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    seed: int = 0
+    digits: int = 3
+
+
+def build_model(tokenizer, spec: ModelSpec, seed: int = 0):
+    """A randomly initialised LlamaForCausalLM sized by `spec` (tied input/output embeddings)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=2 * spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=spec.max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def prompt_ids(tokenizer, problem: Problem) -> list[int]:
+    """<bos> + the question; every prompt the policy sees (warm start, rollouts) starts so."""
+    return [tokenizer.bos_token_id] + tokenizer(problem.prompt, add_special_tokens=False)[
+        "input_ids"
+    ]
+
+
+def supervised_batch(tokenizer, problems: list[Problem]):
+    """input_ids, attention_mask, labels [N, T]: prompt + solution + <eos>, right padded;
+    labels are -100 on the prompt and padding so only the solution is learned."""
+    rows = []
+    for problem in problems:
+        prompt = prompt_ids(tokenizer, problem)
+        solution = tokenizer(problem.solution, add_special_tokens=False)["input_ids"]
+        rows.append((prompt, solution + [tokenizer.eos_token_id]))
+    width = max(len(p) + len(s) for p, s in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    labels = torch.full((len(rows), width), -100)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, (prompt, solution) in enumerate(rows):
+        end = len(prompt) + len(solution)
+        input_ids[i, :end] = torch.tensor(prompt + solution)
+        labels[i, len(prompt) : end] = torch.tensor(solution)
+        attention_mask[i, :end] = 1
+    return input_ids, attention_mask, labels
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("OAR_KERNELS_CACHE") or os.environ.get("XDG_CACHE_HOME")
+    return Path(root) / "oar-kernels" if root else Path.home() / ".cache" / "oar-kernels"
+
+
+def _cache_key(tokenizer, spec: ModelSpec, warm: WarmStart) -> str:
+    shape = {
+        "spec": asdict(spec),
+        "warm": asdict(warm),
+        "vocab": tokenizer.get_vocab(),
+        "torch": torch.__version__.split("+")[0],
+    }
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def warm_started_model(
+    tokenizer, spec: ModelSpec, warm: WarmStart, *, cache: Path | None = None, progress=True
+):
+    """The supervised warm start of `build_model(tokenizer, spec)`, from the cache if there.
+
+    Returns (model in eval mode on the CPU, path of the cached weights, whether it was cached).
+    """
+    model = build_model(tokenizer, spec, seed=warm.seed)
+    path = (cache or cache_dir()) / f"warm-start-{_cache_key(tokenizer, spec, warm)}.pt"
+    if path.exists():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.eval(), path, True
+    _supervised_training(model, tokenizer, warm, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), partial)
+    partial.replace(path)  # atomic: a run killed mid-save leaves no half-written cache
+    return model.eval(), path, False
+
+
+def _supervised_training(model, tokenizer, warm: WarmStart, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    rng = random.Random(warm.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=warm.lr, weight_decay=0.0)
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(warm.seed)
+        bar = tqdm(range(warm.steps), desc="warm start (supervised)", disable=not progress)
+        for step in bar:
+            problems = [make_problem(rng, warm.digits) for _ in range(warm.batch_size)]
+            input_ids, attention_mask, labels = supervised_batch(tokenizer, problems)
+            for group in optimizer.param_groups:
+                group["lr"] = warm.lr * min(1.0, (step + 1) / warm.warmup_steps)
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
