@@ -164,7 +164,9 @@ def test_edge_rows_follow_spec(device):
 @pytest.mark.parametrize("device", device_params())
 def test_empty_batch_returns_empty(device):
     for shape in [(0, 5), (3, 0)]:
-        weights = ok.bilevel_weights(torch.zeros(shape, device=device), torch.zeros(shape, device=device) > 0)
+        weights = ok.bilevel_weights(
+            torch.zeros(shape, device=device), torch.zeros(shape, device=device) > 0
+        )
         assert weights.shape == shape and weights.dtype == torch.float32
         adv = ok.reshape_advantages(
             torch.zeros(shape[0], device=device),
