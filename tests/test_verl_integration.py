@@ -76,19 +76,17 @@ def _package_scores(rollout, method):
     return score, scores
 
 
+def _hook(rollout, config=None):
+    keys = ("model", "tokenizer", "input_ids", "attention_mask", "response_mask")
+    return plugin.response_weights(*(rollout[k] for k in keys), config)
+
+
 # ------------------------------------------------------------------ without verl
 
 
 @pytest.mark.parametrize("method", ["gradient", "perturbation"])
 def test_response_weights_equal_the_package_ops(rollout, method):
-    out = plugin.response_weights(
-        rollout["model"],
-        rollout["tokenizer"],
-        rollout["input_ids"],
-        rollout["attention_mask"],
-        rollout["response_mask"],
-        {"method": method},
-    )
+    out = _hook(rollout, {"method": method})
     score, scores = _package_scores(rollout, method)
     want = ok.bilevel_weights(scores, score)[:, rollout["prompt_width"] :]
     torch.testing.assert_close(out.weights, want, rtol=1e-5, atol=1e-6)
@@ -100,13 +98,7 @@ def test_response_weights_equal_the_package_ops(rollout, method):
 
 
 def test_old_log_probs_are_the_response_log_probs(rollout):
-    out = plugin.response_weights(
-        rollout["model"],
-        rollout["tokenizer"],
-        rollout["input_ids"],
-        rollout["attention_mask"],
-        rollout["response_mask"],
-    )
+    out = _hook(rollout)
     ids, attn, width_p = rollout["input_ids"], rollout["attention_mask"], rollout["prompt_width"]
     with torch.no_grad():
         logits = rollout["model"](
@@ -166,9 +158,7 @@ def _data_proto(rollout):
     rewards = torch.zeros(rollout["response_mask"].shape)
     last = rollout["response_mask"].sum(1) - 1
     rewards[torch.arange(len(REWARDS)), last] = torch.tensor(REWARDS)
-    tensors = {
-        k: rollout[k] for k in ("input_ids", "attention_mask", "responses", "response_mask")
-    }
+    tensors = {k: rollout[k] for k in ("input_ids", "attention_mask", "responses", "response_mask")}
     tensors["token_level_rewards"] = rewards
     tensors["advantages"] = torch.full(rewards.shape, float("nan"))  # must be overwritten
     return DataProto.from_dict(tensors, non_tensors={"uid": np.array(GROUPS, dtype=object)})

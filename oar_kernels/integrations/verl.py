@@ -132,7 +132,9 @@ def add_oar_weights(data, model, tokenizer, config=None):
     mask = batch.get("response_mask")
     if mask is None:
         mask = batch["attention_mask"][:, -batch["responses"].shape[1] :]
-    out = response_weights(model, tokenizer, batch["input_ids"], batch["attention_mask"], mask, config)
+    out = response_weights(
+        model, tokenizer, batch["input_ids"], batch["attention_mask"], mask, config
+    )
     batch["oar_weights"] = out.weights
     return data
 
