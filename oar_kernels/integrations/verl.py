@@ -129,8 +129,9 @@ def add_oar_weights(data, model, tokenizer, config=None):
     needs input_ids, attention_mask and response_mask (or responses, for R).
     """
     batch = data.batch
-    mask = batch.get("response_mask")
-    if mask is None:
+    if "response_mask" in batch.keys():
+        mask = batch["response_mask"]
+    else:
         mask = batch["attention_mask"][:, -batch["responses"].shape[1] :]
     out = response_weights(
         model, tokenizer, batch["input_ids"], batch["attention_mask"], mask, config
