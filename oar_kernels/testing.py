@@ -121,13 +121,13 @@ def assert_python_passes(code: str, **env: str) -> None:
 TINY_VOCAB, TINY_WIDTH = 61, 32
 
 
-def tiny_causal_lm(kind: str, seed: int = 0):
+def tiny_causal_lm(kind: str, seed: int = 0, vocab_size: int = TINY_VOCAB):
     """A tiny random Llama or Qwen2 causal LM built from a config (no downloads)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     common = dict(
-        vocab_size=TINY_VOCAB,
+        vocab_size=vocab_size,
         hidden_size=TINY_WIDTH,
         intermediate_size=64,
         num_hidden_layers=2,

@@ -1,1 +1,2 @@
-"""Adapters for existing trainers: `oar_kernels.integrations.trl.OARGRPOTrainer`."""
+"""Adapters for existing trainers: `oar_kernels.integrations.trl.OARGRPOTrainer` and the
+verl plugin `oar_kernels.integrations.verl` (advantage estimator `oar_grpo`)."""
