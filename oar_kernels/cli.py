@@ -8,10 +8,62 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="oar-kernels", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, extension status and each op's backend")
-    demo = commands.add_parser("reshape-demo", help="reshape a synthetic GRPO batch and show it")
-    demo.add_argument("--batch", type=_positive_int, default=4, help="rollouts to show")
-    demo.add_argument("--seed", type=int, default=0)
+    reshape_demo = commands.add_parser(
+        "reshape-demo", help="reshape a synthetic GRPO batch and show it"
+    )
+    reshape_demo.add_argument("--batch", type=_positive_int, default=4, help="rollouts to show")
+    reshape_demo.add_argument("--seed", type=int, default=0)
+    _add_train_parser(commands)
+    _add_demo_parser(commands)
+    viz = commands.add_parser("viz", help="curves and token-weight heatmaps of finished runs")
+    viz.add_argument("runs", nargs="+", help="run directories (as written by train or demo)")
+    viz.add_argument("--out", help="where to write the pictures (default: the first run's)")
     args = parser.parse_args(argv)
+    from oar_kernels.grpo.config import ConfigError
+
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except ConfigError as error:  # bad config values, a missing checkpoint, a bad run dir
+        print(f"oar-kernels {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _add_train_parser(commands) -> None:
+    from oar_kernels.grpo.config import TrainConfig, field_types
+
+    train = commands.add_parser(
+        "train",
+        help="a reference GRPO run on the embedded task",
+        description=TrainConfig.__doc__,
+        argument_default=argparse.SUPPRESS,  # only flags given on the line override the file
+    )
+    train.add_argument("--config", help="a YAML file of TrainConfig keys; flags override it")
+    train.add_argument("--resume", action="store_true", help="continue from out_dir's checkpoint")
+    defaults = TrainConfig()
+    for name, kind in field_types().items():
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        if kind is bool:
+            train.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                               help=f"(default {default})")  # fmt: skip
+        else:
+            train.add_argument(flag, dest=name, type=kind, help=f"(default {default})")
+
+
+def _add_demo_parser(commands) -> None:
+    demo = commands.add_parser("demo", help="GRPO vs OAR-G on the embedded task, 3 seeds")
+    demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    demo.add_argument("--seeds", type=_positive_int, default=3)
+    demo.add_argument("--steps", type=_positive_int, default=30)
+    demo.add_argument("--methods", type=_methods, default=("grpo", "oar-g"),
+                      help="comma-separated, from grpo,oar-g,oar-p (default grpo,oar-g)")  # fmt: skip
+    demo.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _dispatch(args) -> int:
 
     if args.command == "info":
         from oar_kernels._info import info
@@ -21,7 +73,41 @@ def main(argv: list[str] | None = None) -> int:
         from oar_kernels import demo
 
         demo.run(batch=args.batch, seed=args.seed)
+    elif args.command == "train":
+        from oar_kernels.grpo.config import TrainConfig
+        from oar_kernels.grpo.loop import train
+
+        flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
+        if args.config:
+            config = TrainConfig.from_yaml(args.config, **flags)
+        else:
+            config = TrainConfig.from_dict(flags)
+        result = train(config, resume=args.resume)
+        print(
+            f"held-out accuracy {result.start_accuracy:.3f} -> {result.final_accuracy:.3f} "
+            f"after {result.steps} steps; metrics in {result.out_dir}"
+        )
+    elif args.command == "demo":
+        from oar_kernels.grpo import demo
+
+        demo.run(args.out, methods=args.methods, seeds=args.seeds, steps=args.steps,
+                 progress=args.progress)  # fmt: skip
+    elif args.command == "viz":
+        from oar_kernels.grpo import viz
+
+        written = viz.render(args.runs, args.out or args.runs[0])
+        print("wrote " + (", ".join(map(str, written)) or "nothing"))
     return 0
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    from oar_kernels.grpo.config import METHODS
+
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise argparse.ArgumentTypeError(f"methods must come from {', '.join(METHODS)}")
+    return methods
 
 
 def _positive_int(text: str) -> int:

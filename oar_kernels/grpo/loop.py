@@ -25,7 +25,7 @@ import torch
 
 import oar_kernels as ok
 from oar_kernels.grpo import model as policy
-from oar_kernels.grpo.config import TrainConfig
+from oar_kernels.grpo.config import ConfigError, TrainConfig
 from oar_kernels.grpo.rollout import Rollouts, make_rollouts
 from oar_kernels.grpo.task import build_tokenizer, make_dataset, make_problem, reward
 from oar_kernels.importance.gradient import (
@@ -73,7 +73,7 @@ def _device(config: TrainConfig) -> torch.device:
     if config.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if config.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but no CUDA device is available")
+        raise ConfigError("device='cuda' but no CUDA device is available")
     return torch.device(config.device)
 
 
@@ -131,7 +131,7 @@ class Trainer:
     def _load_checkpoint(self) -> None:
         path = self.out / CHECKPOINT
         if not path.exists():
-            raise ValueError(f"--resume: no checkpoint at {path}")
+            raise ConfigError(f"--resume: no checkpoint at {path}")
         state = torch.load(path, map_location=self.device, weights_only=True)
         # Everything but the step budget and the bookkeeping must match, or the continuation
         # would not be the same run.
@@ -139,7 +139,7 @@ class Trainer:
         saved, asked = state["config"], self.config.to_dict()
         changed = sorted(k for k in asked if k not in free and saved.get(k) != asked[k])
         if changed:
-            raise ValueError(f"--resume: the checkpoint was trained with other {changed}")
+            raise ConfigError(f"--resume: the checkpoint was trained with other {changed}")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]

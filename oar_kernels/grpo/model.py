@@ -28,7 +28,7 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class WarmStart:
-    steps: int = 300
+    steps: int = 250
     batch_size: int = 64
     lr: float = 3e-3
     warmup_steps: int = 50

@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from oar_kernels.grpo.config import ConfigError
 from oar_kernels.grpo.loop import METRICS, SAMPLES, read_jsonl
 
 COLORS = {"grpo": "#4c72b0", "oar-g": "#dd8452", "oar-p": "#55a868"}
@@ -24,7 +25,7 @@ def load_run(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.exists():
-        raise ValueError(f"{run_dir} is not a run directory (no config.yaml)")
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
     return {
         "dir": run_dir,
         "config": yaml.safe_load(config_path.read_text()),
@@ -70,13 +71,17 @@ def plot_curves(runs: list[dict], path: Path) -> bool:
             trained = [r for r in run["metrics"] if "reward" in r]
             steps = [r["step"] for r in trained]
             ax_reward.plot(steps, _smooth([r["reward"] for r in trained]), color=color, lw=0.7)
-            points = [(r["step"], r["eval_accuracy"]) for r in run["metrics"] if "eval_accuracy" in r]
+            points = [
+                (r["step"], r["eval_accuracy"]) for r in run["metrics"] if "eval_accuracy" in r
+            ]
             evals.append(points)
             ax_eval.plot(*zip(*points), color=color, lw=0.7, alpha=0.5)
         common = min(len(p) for p in evals)
         mean = [sum(p[i][1] for p in evals) / len(evals) for i in range(common)]
         label = f"{method} (mean of {len(group)})"
-        ax_eval.plot([evals[0][i][0] for i in range(common)], mean, color=color, lw=2.5, label=label)
+        ax_eval.plot(
+            [evals[0][i][0] for i in range(common)], mean, color=color, lw=2.5, label=label
+        )
     ax_reward.set(title="train reward (sampled, running mean)", xlabel="step", ylabel="reward")
     ax_eval.set(title="held-out accuracy (greedy)", xlabel="step", ylabel="accuracy")
     ax_eval.legend()
