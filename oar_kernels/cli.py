@@ -47,8 +47,9 @@ def _add_train_parser(commands) -> None:
         flag = "--" + name.replace("_", "-")
         default = getattr(defaults, name)
         if kind is bool:
-            train.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
-                               help=f"(default {default})")  # fmt: skip
+            train.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, help=f"(default {default})"
+            )
         else:
             train.add_argument(flag, dest=name, type=kind, help=f"(default {default})")
 
@@ -58,8 +59,12 @@ def _add_demo_parser(commands) -> None:
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     demo.add_argument("--seeds", type=_positive_int, default=3)
     demo.add_argument("--steps", type=_positive_int, default=30)
-    demo.add_argument("--methods", type=_methods, default=("grpo", "oar-g"),
-                      help="comma-separated, from grpo,oar-g,oar-p (default grpo,oar-g)")  # fmt: skip
+    demo.add_argument(
+        "--methods",
+        type=_methods,
+        default=("grpo", "oar-g"),
+        help="comma-separated, from grpo,oar-g,oar-p (default grpo,oar-g)",
+    )
     demo.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -90,8 +95,13 @@ def _dispatch(args) -> int:
     elif args.command == "demo":
         from oar_kernels.grpo import demo
 
-        demo.run(args.out, methods=args.methods, seeds=args.seeds, steps=args.steps,
-                 progress=args.progress)  # fmt: skip
+        demo.run(
+            args.out,
+            methods=args.methods,
+            seeds=args.seeds,
+            steps=args.steps,
+            progress=args.progress,
+        )
     elif args.command == "viz":
         from oar_kernels.grpo import viz
 

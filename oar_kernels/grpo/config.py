@@ -73,9 +73,17 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in (
-            "steps", "prompts_per_step", "max_new_tokens", "num_iterations", "digits",
-            "hidden_size", "num_layers", "eval_size", "eval_every", "checkpoint_every",
-        ):  # fmt: skip
+            "steps",
+            "prompts_per_step",
+            "max_new_tokens",
+            "num_iterations",
+            "digits",
+            "hidden_size",
+            "num_layers",
+            "eval_size",
+            "eval_every",
+            "checkpoint_every",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_generations < 2:

@@ -84,7 +84,7 @@ def run(
                 m: [
                     {"seed": s, "start": r.start_accuracy, "final": r.final_accuracy}
                     for s, r in enumerate(rs)
-                ]  # fmt: skip
+                ]
                 for m, rs in results.items()
             },
             indent=1,

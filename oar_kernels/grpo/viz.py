@@ -149,18 +149,25 @@ def heatmap_png(samples: list[dict], path: Path) -> bool:
     ax.axis("off")
     for y, (kind, content) in enumerate(lines):
         if kind == "header":
-            ax.text(0, y + 0.7, f"{content['method']} step {content['step']}: reward "
-                    f"{content['reward']:.0f}, advantage {content['advantage']:+.2f}",
-                    fontsize=8, weight="bold")  # fmt: skip
+            ax.text(
+                0,
+                y + 0.7,
+                f"{content['method']} step {content['step']}: reward "
+                f"{content['reward']:.0f}, advantage {content['advantage']:+.2f}",
+                fontsize=8,
+                weight="bold",
+            )
             continue
         for x, (token, weight, scored) in enumerate(content):
             color = cmap(norm(min(weight, 2.0))) if scored else (0.93, 0.93, 0.93, 1)
             ax.add_patch(plt.Rectangle((x, y + 0.1), 1, 0.8, color=color, lw=0))
             glyph = token.replace("\n", "⏎").replace("$", r"\$") or " "
-            ax.text(x + 0.5, y + 0.55, glyph, ha="center", va="center", family="monospace",
-                    fontsize=7)  # fmt: skip
-    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, fraction=0.02,
-                 label="Bi-Level weight")  # fmt: skip
+            ax.text(
+                x + 0.5, y + 0.55, glyph, ha="center", va="center", family="monospace", fontsize=7
+            )
+    fig.colorbar(
+        plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, fraction=0.02, label="Bi-Level weight"
+    )
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
