@@ -40,8 +40,12 @@ def _add_train_parser(commands) -> None:
         description=TrainConfig.__doc__,
         argument_default=argparse.SUPPRESS,  # only flags given on the line override the file
     )
-    train.add_argument("--config", help="a YAML file of TrainConfig keys; flags override it")
-    train.add_argument("--resume", action="store_true", help="continue from out_dir's checkpoint")
+    train.add_argument(
+        "--config", default=None, help="a YAML file of TrainConfig keys; flags override it"
+    )
+    train.add_argument(
+        "--resume", action="store_true", default=False, help="continue from out_dir's checkpoint"
+    )
     defaults = TrainConfig()
     for name, kind in field_types().items():
         flag = "--" + name.replace("_", "-")

@@ -83,6 +83,8 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, resume: bool = False):
         self.config, self.out = config, Path(config.out_dir)
         self.device = _device(config)
+        if resume and not (self.out / CHECKPOINT).exists():  # before the warm start's minute
+            raise ConfigError(f"--resume: no checkpoint at {self.out / CHECKPOINT}")
         self.tokenizer = build_tokenizer()
         spec = policy.ModelSpec(hidden_size=config.hidden_size, num_layers=config.num_layers)
         warm = policy.WarmStart(steps=config.warm_start_steps, digits=config.digits)
@@ -130,8 +132,6 @@ class Trainer:
 
     def _load_checkpoint(self) -> None:
         path = self.out / CHECKPOINT
-        if not path.exists():
-            raise ConfigError(f"--resume: no checkpoint at {path}")
         state = torch.load(path, map_location=self.device, weights_only=True)
         # Everything but the step budget and the bookkeeping must match, or the continuation
         # would not be the same run.
