@@ -51,7 +51,8 @@ class TrainConfig:
     digits: int = 3
     hidden_size: int = 128
     num_layers: int = 2
-    warm_start_steps: int = 250  # about 2/3 right (greedy) and 1/4 right sampled
+    warm_start_accuracy: float = 0.6  # supervised warm start until this (greedy)
+    warm_start_max_steps: int = 600
     # bookkeeping
     eval_size: int = 128  # held-out problems, greedy decoding
     eval_every: int = 10
@@ -96,8 +97,12 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.reshape_tau <= 1 or not 0 <= self.reshape_floor <= 1:
             raise ConfigError("reshape_tau and reshape_floor must lie in [0, 1]")
-        if self.heatmap_samples < 0 or self.warm_start_steps < 0:
-            raise ConfigError("heatmap_samples and warm_start_steps must be >= 0")
+        if self.heatmap_samples < 0 or self.warm_start_max_steps < 0:
+            raise ConfigError("heatmap_samples and warm_start_max_steps must be >= 0")
+        if not 0 <= self.warm_start_accuracy <= 1:
+            raise ConfigError(
+                f"warm_start_accuracy must lie in [0, 1], got {self.warm_start_accuracy}"
+            )
         if self.hidden_size % 4:
             raise ConfigError(
                 f"hidden_size must be a multiple of 4 (heads), got {self.hidden_size}"

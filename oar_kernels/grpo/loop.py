@@ -87,7 +87,11 @@ class Trainer:
             raise ConfigError(f"--resume: no checkpoint at {self.out / CHECKPOINT}")
         self.tokenizer = build_tokenizer()
         spec = policy.ModelSpec(hidden_size=config.hidden_size, num_layers=config.num_layers)
-        warm = policy.WarmStart(steps=config.warm_start_steps, digits=config.digits)
+        warm = policy.WarmStart(
+            target_accuracy=config.warm_start_accuracy,
+            max_steps=config.warm_start_max_steps,
+            digits=config.digits,
+        )
         model, self.warm_path, _ = policy.warm_started_model(
             self.tokenizer, spec, warm, progress=config.progress
         )
