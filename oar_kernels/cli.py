@@ -93,7 +93,7 @@ def _dispatch(args) -> int:
             config = TrainConfig.from_dict(flags)
         result = train(config, resume=args.resume)
         print(
-            f"held-out accuracy {result.start_accuracy:.3f} -> {result.final_accuracy:.3f} "
+            f"held-out pass@1 {result.start_accuracy:.3f} -> {result.final_accuracy:.3f} "
             f"after {result.steps} steps; metrics in {result.out_dir}"
         )
     elif args.command == "demo":

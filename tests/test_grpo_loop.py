@@ -117,6 +117,7 @@ def test_training_raises_held_out_accuracy_above_the_warm_start(cache, tmp_path)
     assert result.final_accuracy >= result.start_accuracy + 0.05, result
     records = read_jsonl(tmp_path / METRICS)
     assert [r["step"] for r in records] == list(range(7))
+    assert all(0 <= r["eval_greedy"] <= 1 for r in records if "eval_accuracy" in r)
     trained = records[1:]
     for key in ("reward", "loss", "clip_fraction", "kl_to_old", "entropy", "top10_mass"):
         assert all(key in r and r[key] == r[key] for r in trained), key  # present, not NaN
@@ -140,7 +141,7 @@ def test_resume_continues_bit_identically(cache, tmp_path, method):
         assert torch.equal(tensor, b["model"][name]), name
     # The half run also evaluated at its last step (2); everything else must agree.
     records = [read_jsonl(d / "run" / METRICS) for d in (tmp_path / "a", tmp_path / "b")]
-    records[1][2].pop("eval_accuracy")
+    records[1][2].pop("eval_accuracy"), records[1][2].pop("eval_greedy")
     strip = [[{k: v for k, v in r.items() if k not in TIMINGS} for r in rs] for rs in records]
     assert strip[0] == strip[1]
     assert any(r["grad_norm"] > 0 for r in records[0][1:]), "nothing was learned: a vacuous test"
@@ -236,11 +237,12 @@ def test_cli_demo_writes_table_metrics_and_pictures(cache, tmp_path, capsys):
 
 def test_results_table_pairs_seeds_against_grpo(tmp_path):
     runs = {
-        "grpo": [RunResult(tmp_path, 5, 0.5, v) for v in (0.6, 0.7, 0.8)],
-        "oar-g": [RunResult(tmp_path, 5, 0.5, v) for v in (0.7, 0.7, 0.7)],
+        "grpo": [RunResult(tmp_path, 5, 0.5, v, 0.8, 0.9) for v in (0.6, 0.7, 0.8)],
+        "oar-g": [RunResult(tmp_path, 5, 0.5, v, 0.8, 0.9) for v in (0.7, 0.7, 0.7)],
     }
     table = demo.results_table(runs)
-    assert "| grpo | 3 | 0.500 | 0.700 ± 0.100 | 0.600, 0.700, 0.800 | — |" in table
+    row = "| grpo | 3 | 0.500 | 0.700 ± 0.100 | 0.600, 0.700, 0.800 | — | 0.900 ± 0.000 |"
+    assert row in table
     assert "0.000 ± 0.100 (1/3 seeds better)" in table
 
 

@@ -51,10 +51,11 @@ class TrainConfig:
     digits: int = 3
     hidden_size: int = 128
     num_layers: int = 2
-    warm_start_accuracy: float = 0.6  # supervised warm start until this (greedy)
+    warm_start_accuracy: float = 0.8  # supervised warm start until this (greedy)
     warm_start_max_steps: int = 600
     # bookkeeping
-    eval_size: int = 128  # held-out problems, greedy decoding
+    eval_size: int = 128  # held-out problems
+    eval_samples: int = 4  # samples per held-out problem for sampled pass@1
     eval_every: int = 10
     checkpoint_every: int = 10
     heatmap_samples: int = 6  # completions whose token weights are kept per eval step

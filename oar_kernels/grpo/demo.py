@@ -25,11 +25,13 @@ def _spread(values: list[float]) -> str:
 
 
 def results_table(results: dict[str, list[RunResult]]) -> str:
-    """Markdown: per method the start and final held-out accuracy over seeds, and the
-    paired (same seed) difference to GRPO."""
+    """Markdown: per method the held-out sampled pass@1 at the start and after the last step
+    (mean ± std over seeds), each OAR method's paired (same seed) difference to GRPO, and
+    the final greedy accuracy."""
     lines = [
-        "| method | seeds | start accuracy | final accuracy (mean ± std) | per seed | vs grpo |",
-        "|---|---|---|---|---|---|",
+        "| method | seeds | start pass@1 | final pass@1 (mean ± std) | per seed | vs grpo "
+        "(paired) | final greedy |",
+        "|---|---|---|---|---|---|---|",
     ]
     baseline = results.get("grpo")
     for method, runs in results.items():
@@ -40,7 +42,8 @@ def results_table(results: dict[str, list[RunResult]]) -> str:
             paired = f"{_spread(diffs)} ({sum(d > 0 for d in diffs)}/{len(diffs)} seeds better)"
         lines.append(
             f"| {method} | {len(runs)} | {runs[0].start_accuracy:.3f} | {_spread(finals)} | "
-            f"{', '.join(f'{v:.3f}' for v in finals)} | {paired} |"
+            f"{', '.join(f'{v:.3f}' for v in finals)} | {paired} | "
+            f"{_spread([r.final_greedy for r in runs])} |"
         )
     return "\n".join(lines)
 
@@ -74,15 +77,16 @@ def run(
     table = results_table(results)
     minutes = (time.perf_counter() - began) / 60
     header = (
-        f"Held-out accuracy (greedy, {TrainConfig.eval_size} problems) after {steps} steps, "
-        f"{seeds} seeds, {minutes:.1f} min in all."
+        f"Held-out accuracy ({TrainConfig.eval_size} problems; pass@1 over "
+        f"{TrainConfig.eval_samples} samples each at the training temperature, and greedy) "
+        f"after {steps} steps, {seeds} seeds, {minutes:.1f} min in all."
     )
     (out_dir / "results.md").write_text(f"{header}\n\n{table}\n")
     (out_dir / "results.json").write_text(
         json.dumps(
             {
                 m: [
-                    {"seed": s, "start": r.start_accuracy, "final": r.final_accuracy}
+                    {"seed": s, **{k: v for k, v in vars(r).items() if k != "out_dir"}}
                     for s, r in enumerate(rs)
                 ]
                 for m, rs in results.items()

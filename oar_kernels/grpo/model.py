@@ -36,7 +36,7 @@ class WarmStart:
     so a fixed count would start GRPO from very different models on different machines.
     """
 
-    target_accuracy: float = 0.6
+    target_accuracy: float = 0.8
     max_steps: int = 600
     min_steps: int = 150
     check_every: int = 10

@@ -83,7 +83,7 @@ def plot_curves(runs: list[dict], path: Path) -> bool:
             [evals[0][i][0] for i in range(common)], mean, color=color, lw=2.5, label=label
         )
     ax_reward.set(title="train reward (sampled, running mean)", xlabel="step", ylabel="reward")
-    ax_eval.set(title="held-out accuracy (greedy)", xlabel="step", ylabel="accuracy")
+    ax_eval.set(title="held-out pass@1 (sampled)", xlabel="step", ylabel="accuracy")
     ax_eval.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
