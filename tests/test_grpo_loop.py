@@ -109,14 +109,15 @@ def test_config_reads_yaml_and_flags_win(tmp_path):
 
 
 def test_training_raises_held_out_accuracy_above_the_warm_start(cache, tmp_path):
-    """The default task and model, a short run: accuracy must rise above the warm start."""
+    """The default task and model, a short OAR-G run on the CPU: held-out sampled pass@1 must
+    rise above the warm start's (0.512 -> 0.594 on the 2-core dev machine)."""
     config = TrainConfig(
-        method="oar-g", steps=6, eval_every=3, eval_size=64, out_dir=str(tmp_path), progress=False
+        method="oar-g", steps=20, eval_every=10, device="cpu", out_dir=str(tmp_path), progress=False
     )
     result = train(config)
-    assert result.final_accuracy >= result.start_accuracy + 0.05, result
+    assert result.final_accuracy >= result.start_accuracy + 0.04, result
     records = read_jsonl(tmp_path / METRICS)
-    assert [r["step"] for r in records] == list(range(7))
+    assert [r["step"] for r in records] == list(range(21))
     assert all(0 <= r["eval_greedy"] <= 1 for r in records if "eval_accuracy" in r)
     trained = records[1:]
     for key in ("reward", "loss", "clip_fraction", "kl_to_old", "entropy", "top10_mass"):
