@@ -46,6 +46,9 @@ def _add_train_parser(commands) -> None:
     train.add_argument(
         "--resume", action="store_true", default=False, help="continue from out_dir's checkpoint"
     )
+    train.add_argument(
+        "--overwrite", action="store_true", default=False, help="replace a run in out_dir"
+    )
     defaults = TrainConfig()
     for name, kind in field_types().items():
         flag = "--" + name.replace("_", "-")
@@ -86,12 +89,13 @@ def _dispatch(args) -> int:
         from oar_kernels.grpo.config import TrainConfig
         from oar_kernels.grpo.loop import train
 
-        flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
+        special = ("command", "config", "resume", "overwrite")
+        flags = {k: v for k, v in vars(args).items() if k not in special}
         if args.config:
             config = TrainConfig.from_yaml(args.config, **flags)
         else:
             config = TrainConfig.from_dict(flags)
-        result = train(config, resume=args.resume)
+        result = train(config, resume=args.resume, overwrite=args.overwrite)
         print(
             f"held-out pass@1 {result.start_accuracy:.3f} -> {result.final_accuracy:.3f} "
             f"after {result.steps} steps; metrics in {result.out_dir}"

@@ -156,6 +156,14 @@ def test_resume_refuses_another_run(cache, tmp_path):
         train(quick(tmp_path / "elsewhere", steps=2), resume=True)
 
 
+def test_a_finished_run_is_not_overwritten_by_accident(cache, tmp_path):
+    train(quick(tmp_path, steps=1))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(quick(tmp_path, steps=1))
+    assert train(quick(tmp_path, steps=1, seed=3), overwrite=True).steps == 1
+    assert read_jsonl(tmp_path / "run" / METRICS)[-1]["step"] == 1
+
+
 def test_ctrl_c_saves_the_last_finished_step(cache, tmp_path, monkeypatch):
     trainer = Trainer(quick(tmp_path, steps=5, checkpoint_every=10))
     real_step = trainer._train_step

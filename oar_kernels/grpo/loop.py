@@ -82,11 +82,17 @@ def _device(config: TrainConfig) -> torch.device:
 class Trainer:
     """Holds the policy, optimizer and rollout backend of one run; `run()` trains it."""
 
-    def __init__(self, config: TrainConfig, *, resume: bool = False):
+    def __init__(self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False):
         self.config, self.out = config, Path(config.out_dir)
         self.device = _device(config)
-        if resume and not (self.out / CHECKPOINT).exists():  # before the warm start's minute
+        # Checked before the warm start's minute.
+        if resume and not (self.out / CHECKPOINT).exists():
             raise ConfigError(f"--resume: no checkpoint at {self.out / CHECKPOINT}")
+        if not (resume or overwrite) and (self.out / METRICS).exists():
+            raise ConfigError(
+                f"{self.out} already holds a run: --resume continues it, --overwrite replaces "
+                "it, or choose another --out-dir"
+            )
         self.tokenizer = build_tokenizer()
         spec = policy.ModelSpec(hidden_size=config.hidden_size, num_layers=config.num_layers)
         warm = policy.WarmStart(
@@ -381,7 +387,9 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
-def train(config: TrainConfig, *, resume: bool = False) -> RunResult:
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> RunResult:
     """Train one run; writes config.yaml, metrics.jsonl, samples.jsonl and checkpoint.pt
-    under config.out_dir (see `oar_kernels.grpo.viz` for the pictures)."""
-    return Trainer(config, resume=resume).run()
+    under config.out_dir (see `oar_kernels.grpo.viz` for the pictures). An out_dir that
+    already holds a run is continued with resume=True, replaced with overwrite=True, and
+    otherwise a ConfigError."""
+    return Trainer(config, resume=resume, overwrite=overwrite).run()
