@@ -20,6 +20,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import fmean
 
 import torch
 
@@ -100,15 +101,14 @@ class Trainer:
             max_steps=config.warm_start_max_steps,
             digits=config.digits,
         )
-        model, self.warm_path, _ = policy.warm_started_model(
-            self.tokenizer, spec, warm, progress=config.progress
-        )
+        model = policy.warm_started_model(self.tokenizer, spec, warm, progress=config.progress)
         self.model = model.to(self.device)
         self.reference = None
         if config.kl_beta > 0:
             self.reference = copy.deepcopy(self.model).requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=0.0)
         self.held_out = make_dataset(config.eval_size, HELD_OUT_SEED, config.digits)
+        self.held_out_prompts = [policy.prompt_ids(self.tokenizer, p) for p in self.held_out]
         self.step = 0
         self.out.mkdir(parents=True, exist_ok=True)
         if resume:
@@ -137,9 +137,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "config": self.config.to_dict(),
         }
-        partial = path.with_suffix(".tmp")
-        torch.save(state, partial)
-        partial.replace(path)
+        policy.save_atomically(state, path)
         return path
 
     def _load_checkpoint(self) -> None:
@@ -167,15 +165,15 @@ class Trainer:
         right greedily on 90% of problems is right on about half of its samples, so the
         sampled number has room to rise where the greedy one has little.
         """
-        prompts = [policy.prompt_ids(self.tokenizer, p) for p in self.held_out]
-        greedy = self.rollouts.generate(prompts, greedy=True, seed=0)
-        repeated = [p for p in prompts for _ in range(self.config.eval_samples)]
+        k = self.config.eval_samples
+        greedy = self.rollouts.generate(self.held_out_prompts, greedy=True, seed=0)
+        repeated = [p for p in self.held_out_prompts for _ in range(k)]
         sampled = self.rollouts.generate(repeated, seed=HELD_OUT_SEED)
         answers = [p.answer for p in self.held_out]
-        samples_of = [a for a in answers for _ in range(self.config.eval_samples)]
+        samples_of = [a for a in answers for _ in range(k)]
         return {
-            "eval_accuracy": _mean(reward(t, a) for t, a in zip(sampled.texts, samples_of)),
-            "eval_greedy": _mean(reward(t, a) for t, a in zip(greedy.texts, answers)),
+            "eval_accuracy": fmean(reward(t, a) for t, a in zip(sampled.texts, samples_of)),
+            "eval_greedy": fmean(reward(t, a) for t, a in zip(greedy.texts, answers)),
         }
 
     # -- training --------------------------------------------------------------------------
@@ -224,7 +222,8 @@ class Trainer:
         rng = random.Random(seed)
         problems = [make_problem(rng, config.digits) for _ in range(config.prompts_per_step)]
         group = config.num_generations
-        prompts = [policy.prompt_ids(self.tokenizer, p) for p in problems for _ in range(group)]
+        once = [policy.prompt_ids(self.tokenizer, p) for p in problems]
+        prompts = [ids for ids in once for _ in range(group)]
         answers = [p.answer for p in problems for _ in range(group)]
 
         began = time.perf_counter()
@@ -369,11 +368,6 @@ class Trainer:
     def _log(self, name: str, record: dict) -> None:
         with open(self.out / name, "a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
 
 
 def read_jsonl(path: Path) -> list[dict]:

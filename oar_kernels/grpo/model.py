@@ -116,21 +116,24 @@ def _cache_key(tokenizer, spec: ModelSpec, warm: WarmStart) -> str:
 def warm_started_model(
     tokenizer, spec: ModelSpec, warm: WarmStart, *, cache: Path | None = None, progress=True
 ):
-    """The supervised warm start of `build_model(tokenizer, spec)`, from the cache if there.
-
-    Returns (model in eval mode on the CPU, path of the cached weights, whether it was cached).
-    """
+    """The supervised warm start of `build_model(tokenizer, spec)` in eval mode on the CPU,
+    from the cache if there."""
     model = build_model(tokenizer, spec, seed=warm.seed)
     path = (cache or cache_dir()) / f"warm-start-{_cache_key(tokenizer, spec, warm)}.pt"
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model.eval(), path, True
+        return model.eval()
     _supervised_training(model, tokenizer, warm, progress)
+    save_atomically(model.state_dict(), path)
+    return model.eval()
+
+
+def save_atomically(state: dict, path: Path) -> None:
+    """torch.save through a temporary file: a run killed mid-save leaves the old file whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), partial)
-    partial.replace(path)  # atomic: a run killed mid-save leaves no half-written cache
-    return model.eval(), path, False
+    torch.save(state, partial)
+    partial.replace(path)
 
 
 def _supervised_training(model, tokenizer, warm: WarmStart, progress: bool) -> None:

@@ -191,6 +191,6 @@ def render(run_dirs: list[str | Path], out_dir: str | Path, *, heatmap_rows: int
         written.append(out_dir / "heatmap.html")
         if heatmap_png(shown, out_dir / "heatmap.png"):
             written.append(out_dir / "heatmap.png")
-    if _matplotlib() is None:
+    if not any(path.suffix == ".png" for path in written):
         print("matplotlib is not installed: no PNGs (pip install 'oar-kernels[demo]')")
     return written
