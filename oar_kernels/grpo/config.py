@@ -13,6 +13,8 @@ SCALE_REWARDS = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 OAR_MODES = ("answer_joint", "answer_mean", "last")
 DEVICES = ("auto", "cpu", "cuda")
+# Field annotations are strings (postponed evaluation): the types they name.
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
 class ConfigError(ValueError):
@@ -139,7 +141,7 @@ class TrainConfig:
 
 
 def _coerce(name: str, annotation: str, value):
-    kind = {"int": int, "float": float, "str": str, "bool": bool}[annotation]
+    kind = _TYPES[annotation]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -149,7 +151,4 @@ def _coerce(name: str, annotation: str, value):
 
 def field_types() -> dict[str, type]:
     """Each field's Python type, for building command-line flags."""
-    return {
-        f.name: {"int": int, "float": float, "str": str, "bool": bool}[f.type]
-        for f in fields(TrainConfig)
-    }
+    return {f.name: _TYPES[f.type] for f in fields(TrainConfig)}
