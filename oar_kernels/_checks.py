@@ -61,3 +61,23 @@ def require_finite(name: str, values: torch.Tensor, where: torch.Tensor | None =
     if not bool(finite.all()):
         scope = " where score_mask is set" if where is not None else ""
         raise ValueError(f"{name} must be finite{scope} (found NaN or Inf)")
+
+
+def require_int(name: str, value, low: int, high: int | None = None) -> int:
+    """An integer (Python or NumPy; bool refused) in [low, high]; returned as a Python int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+    return int(value)
+
+
+def require_token_ids(name: str, value) -> torch.Tensor:
+    """A [B, T] tensor of an integer dtype (bool is not a token id)."""
+    require_tensor(name, value)
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{name} must have an integer dtype, got {value.dtype}")
+    if value.dim() != 2:
+        raise ValueError(f"{name} must be [B, T], got shape {tuple(value.shape)}")
+    return value

@@ -141,7 +141,7 @@ def _bad_calls():
 
     return [
         ("mode", lambda: call(mode="joint"), ValueError, "mode"),
-        ("ids-float", lambda: call(input_ids=ids.float()), ValueError, "input_ids"),
+        ("ids-float", lambda: call(input_ids=ids.float()), TypeError, "input_ids"),
         ("score-shape", lambda: call(score_mask=score[:, :3]), ValueError, "score_mask"),
         ("attn-float", lambda: call(attention_mask=attn.float()), TypeError, "attention_mask"),
         ("noise-neg", lambda: call(noise_std=-1.0), ValueError, "noise_std"),

@@ -15,7 +15,13 @@ import contextlib
 
 import torch
 
-from oar_kernels._checks import require_mask, require_real_in, require_tensor
+from oar_kernels._checks import (
+    require_int,
+    require_mask,
+    require_real_in,
+    require_same_device,
+    require_token_ids,
+)
 from oar_kernels._ops import lib
 from oar_kernels.logprobs import token_logprobs
 
@@ -205,6 +211,8 @@ def _sequence_logprobs(model, hidden, input_ids, attention_mask):
 
 def clean_sequence_logprobs(model, input_ids, attention_mask):
     """Per-token logprobs [B, T] float32 of one clean batched forward (0 where undefined)."""
+    if input_ids.numel() == 0:  # a decoder cannot run on no tokens
+        return torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     embeds = model.get_input_embeddings()(input_ids)
     with torch.no_grad():
         hidden = _decode(model, embeds, attention_mask.long())
@@ -249,12 +257,58 @@ def _row_groups(rows: int, width: int, max_batch_tokens: int | None):
     return [slice(start, min(rows, start + per_group)) for start in range(0, rows, per_group)]
 
 
-def check_batch(input_ids, attention_mask, score_mask, answer_mask, mode, noise_std):
-    require_tensor("input_ids", input_ids)
-    if input_ids.dim() != 2 or input_ids.is_floating_point():
-        raise ValueError(
-            f"input_ids must be an integer [B, T] tensor, got {tuple(input_ids.shape)}"
+CAUSAL_LM_METHODS = ("get_input_embeddings", "get_decoder", "get_output_embeddings")
+
+
+def require_causal_lm(model) -> None:
+    """The ops drive a Hugging Face causal LM through these accessors only."""
+    if not isinstance(model, torch.nn.Module) or not all(
+        callable(getattr(model, method, None)) for method in CAUSAL_LM_METHODS
+    ):
+        raise TypeError(
+            f"model must be a Hugging Face causal LM (a torch.nn.Module with "
+            f"{', '.join(CAUSAL_LM_METHODS)}), got {type(model).__name__}"
         )
+
+
+def vocab_size(model) -> int:
+    return model.get_input_embeddings().weight.shape[0]
+
+
+def _require_spans_inside_rows(model, input_ids, attention_mask, score_mask, answer_mask):
+    """Each row is one contiguous run of real tokens holding the score span and, after it,
+    the answer span; anything else would score padding or read logits nobody defined."""
+    first_real = attention_mask.clone()
+    first_real[:, 1:] &= ~attention_mask[:, :-1]
+    vocab = vocab_size(model)
+    violations = {
+        "attention_mask must mark one contiguous run of real tokens per row "
+        "(left or right padding)": first_real.sum(dim=1) > 1,
+        "score_mask must lie inside attention_mask (it is set on padding)": score_mask
+        & ~attention_mask,
+        "answer_mask must lie inside attention_mask (it is set on padding)": answer_mask
+        & ~attention_mask,
+        "score_mask and answer_mask must not overlap: the answer comes after the score span "
+        "(SPEC section 2)": score_mask & answer_mask,
+        "answer_mask must not cover a row's first real token: no position predicts it": (
+            answer_mask & first_real
+        ),
+        f"input_ids must lie in [0, {vocab}), the model's vocabulary": (input_ids < 0)
+        | (input_ids >= vocab),
+    }
+    found = torch.stack([bad.any() for bad in violations.values()]).tolist()  # one sync
+    for message, bad in zip(violations, found):
+        if bad:
+            raise ValueError(message)
+
+
+def check_batch(model, input_ids, attention_mask, score_mask, answer_mask, mode):
+    """Validates what both importance ops take; returns bool (attention, score, answer) masks.
+
+    answer_mask None means no row has an answer span (every row uses `last`).
+    """
+    require_causal_lm(model)
+    require_token_ids("input_ids", input_ids)
     shape = input_ids.shape
     attention_mask = require_mask("attention_mask", attention_mask, shape)
     score_mask = require_mask("score_mask", score_mask, shape)
@@ -263,12 +317,34 @@ def check_batch(input_ids, attention_mask, score_mask, answer_mask, mode, noise_
         if answer_mask is None
         else require_mask("answer_mask", answer_mask, shape)
     )
+    require_same_device(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        score_mask=score_mask,
+        answer_mask=answer_mask,
+        model=model.get_input_embeddings().weight,
+    )
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    _require_spans_inside_rows(model, input_ids, attention_mask, score_mask, answer_mask)
+    return attention_mask, score_mask, answer_mask
+
+
+def require_finite_scores(scores: torch.Tensor, cause: str) -> None:
+    """Finite inputs must not give NaN scores silently: an overflow in the model is an error."""
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"importance scores came out non-finite (NaN or Inf): {cause}")
+
+
+def _check_gradient_arguments(mode, noise_std, generator, max_batch_tokens) -> float:
     noise_std = require_real_in("noise_std", noise_std, 0.0)
     if noise_std == 0 and mode != "answer_joint":
         raise ValueError(f"noise_std must be > 0 in mode {mode!r}: the KL's gradient is 0 at 0")
-    return attention_mask, score_mask, answer_mask, noise_std
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if max_batch_tokens is not None:
+        require_int("max_batch_tokens", max_batch_tokens, 1)
+    return noise_std
 
 
 def run_gradient_importance(
@@ -286,21 +362,21 @@ def run_gradient_importance(
     want_old_logprobs,
 ):
     """Validated batch -> (scores [B, T] float32, old logprobs [B, T] float32 or None)."""
-    attention_mask, score_mask, answer_mask, noise_std = check_batch(
-        input_ids, attention_mask, score_mask, answer_mask, mode, noise_std
+    attention_mask, score_mask, answer_mask = check_batch(
+        model, input_ids, attention_mask, score_mask, answer_mask, mode
     )
+    noise_std = _check_gradient_arguments(mode, noise_std, generator, max_batch_tokens)
     shape = input_ids.shape
-    embed = model.get_input_embeddings()
-    if noise is None:
-        gen_device = generator.device if generator is not None else input_ids.device
-        noise = (
-            torch.randn((*shape, embed.weight.shape[1]), generator=generator, device=gen_device).to(
-                input_ids.device
-            )
-            * noise_std
-        )
     scores = torch.zeros(shape, dtype=torch.float32, device=input_ids.device)
     old = torch.zeros_like(scores) if want_old_logprobs else None
+    if scores.numel() == 0:  # nothing to score, and a decoder cannot run on no tokens
+        return scores, old
+    weight = model.get_input_embeddings().weight
+    if noise is None:
+        # The generator may live on another device than the batch: draw there, then move.
+        gen_device = generator.device if generator is not None else input_ids.device
+        noise = torch.randn((*shape, weight.shape[1]), generator=generator, device=gen_device)
+        noise = noise.to(input_ids.device) * noise_std
     with _frozen_parameters(model), torch.enable_grad():
         for rows in _row_groups(shape[0], shape[1], max_batch_tokens):
             scores[rows], old_rows = _gradient_importance_batch(
@@ -310,11 +386,16 @@ def run_gradient_importance(
                 score_mask[rows],
                 answer_mask[rows],
                 mode,
-                noise[rows].to(embed.weight.dtype),
+                noise[rows].to(weight.dtype),
                 want_old_logprobs,
             )
             if old is not None:
                 old[rows] = old_rows
+    require_finite_scores(
+        scores,
+        f"the noised forward overflowed (noise_std={noise_std} too large?) or the "
+        "model's weights are not finite",
+    )
     return scores, old
 
 

@@ -17,11 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
+from oar_kernels._checks import require_bool, require_int
 from oar_kernels.importance.gradient import (
     MODES,
     check_batch,
     lm_head_parameters,
     outcome_positions,
+    require_finite_scores,
+    vocab_size,
 )
 from oar_kernels.logprobs import token_logprobs
 
@@ -114,6 +117,47 @@ def _row_importance(
     return importance, computed
 
 
+def _score_rows(
+    model, input_ids, attention_mask, score_mask, answer_mask, mode, mask_token_id, max_batch_tokens
+):
+    """Scores [B, T] float32 of a validated batch, row by row (each row unpadded), and stats."""
+    scores = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    stats = PerturbationStats(0, 0)
+    if scores.numel() == 0:  # nothing to score, and no outcome position to find
+        return scores, stats
+    cache_keyword = _cache_keyword(model.get_decoder())
+    last_pos, uses_last = outcome_positions(attention_mask.long(), answer_mask, mode)
+    for b in range(input_ids.shape[0]):
+        (real,) = attention_mask[b].nonzero(as_tuple=True)
+        if real.numel() == 0 or not score_mask[b].any():
+            continue
+        offset = int(real[0])
+        ids = input_ids[b, real]
+        (scored,) = score_mask[b, real].nonzero(as_tuple=True)
+        row_mode = "last" if bool(uses_last[b]) else mode
+        if row_mode == "last":
+            outcome_pos = (last_pos[b] - offset).reshape(1)
+            answer_targets = None
+        else:
+            (answer,) = answer_mask[b, real].nonzero(as_tuple=True)
+            outcome_pos, answer_targets = answer - 1, ids[answer]
+        importance, computed = _row_importance(
+            model,
+            ids,
+            scored,
+            outcome_pos,
+            answer_targets,
+            row_mode,
+            mask_token_id,
+            max_batch_tokens,
+            cache_keyword,
+        )
+        scores[b, scored + offset] = importance.float()
+        stats.token_forwards += computed
+        stats.naive_token_forwards += len(scored) * ids.shape[0]
+    return scores, stats
+
+
 def perturbation_importance(
     model,
     input_ids: torch.Tensor,
@@ -136,53 +180,24 @@ def perturbation_importance(
     memory does not grow with the number of scored tokens R.
     Returns [B, T] float32 scores (0 outside score_mask), and PerturbationStats if asked.
     """
-    attention_mask, score_mask, answer_mask, _ = check_batch(
-        input_ids, attention_mask, score_mask, answer_mask, mode, 1.0
+    attention_mask, score_mask, answer_mask = check_batch(
+        model, input_ids, attention_mask, score_mask, answer_mask, mode
     )
-    if isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int):
-        raise TypeError(f"mask_token_id must be an int, got {type(mask_token_id).__name__}")
-    vocab = model.get_input_embeddings().weight.shape[0]
-    if not 0 <= mask_token_id < vocab:
-        raise ValueError(f"mask_token_id must lie in [0, {vocab}), got {mask_token_id}")
-    if (
-        isinstance(max_batch_tokens, bool)
-        or not isinstance(max_batch_tokens, int)
-        or (max_batch_tokens < 1)
-    ):
-        raise ValueError(f"max_batch_tokens must be a positive int, got {max_batch_tokens!r}")
-    cache_keyword = _cache_keyword(model.get_decoder())
-    last_pos, uses_last = outcome_positions(attention_mask.long(), answer_mask, mode)
-    scores = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-    stats = PerturbationStats(0, 0)
+    mask_token_id = require_int("mask_token_id", mask_token_id, 0, vocab_size(model) - 1)
+    max_batch_tokens = require_int("max_batch_tokens", max_batch_tokens, 1)
+    require_bool("return_stats", return_stats)
     with torch.no_grad():
-        for b in range(input_ids.shape[0]):
-            (real,) = attention_mask[b].nonzero(as_tuple=True)
-            if real.numel() == 0 or not score_mask[b].any():
-                continue
-            offset = int(real[0])
-            ids = input_ids[b, real]
-            (scored,) = score_mask[b, real].nonzero(as_tuple=True)
-            row_mode = "last" if bool(uses_last[b]) else mode
-            if row_mode == "last":
-                outcome_pos = (last_pos[b] - offset).reshape(1)
-                answer_targets = None
-            else:
-                (answer,) = answer_mask[b, real].nonzero(as_tuple=True)
-                outcome_pos, answer_targets = answer - 1, ids[answer]
-            importance, computed = _row_importance(
-                model,
-                ids,
-                scored,
-                outcome_pos,
-                answer_targets,
-                row_mode,
-                mask_token_id,
-                max_batch_tokens,
-                cache_keyword,
-            )
-            scores[b, scored + offset] = importance.float()
-            stats.token_forwards += computed
-            stats.naive_token_forwards += len(scored) * ids.shape[0]
+        scores, stats = _score_rows(
+            model,
+            input_ids,
+            attention_mask,
+            score_mask,
+            answer_mask,
+            mode,
+            mask_token_id,
+            max_batch_tokens,
+        )
+    require_finite_scores(scores, "the model's outputs overflowed or its weights are not finite")
     return (scores, stats) if return_stats else scores
 
 
