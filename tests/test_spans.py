@@ -1,9 +1,13 @@
 """Span finding: reasoning and answer spans of completions from a tokenizer built here."""
 
+import random
+import string
+import time
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizer, PreTrainedTokenizerFast
 
 from oar_kernels import spans
 
@@ -83,3 +87,102 @@ def test_bad_answer_format_and_shapes(tokenizer):
         spans.completion_spans(tokenizer, ids, completion, answer_format="no-group")
     with pytest.raises(ValueError, match="completion_mask"):
         spans.completion_spans(tokenizer, ids, completion[:, :5])
+
+
+class CharTokenizer(PreTrainedTokenizer):
+    """A slow (pure Python) tokenizer, one token per character of a fixed alphabet."""
+
+    def __init__(self, alphabet: str, **kwargs):
+        self.vocab = {token: i for i, token in enumerate(["<pad>", *alphabet])}
+        self.tokens = list(self.vocab)
+        super().__init__(pad_token="<pad>", **kwargs)
+
+    @property
+    def vocab_size(self):
+        return len(self.vocab)
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+    def _tokenize(self, text, **kwargs):
+        return list(text)
+
+    def _convert_token_to_id(self, token):
+        return self.vocab[token]
+
+    def _convert_id_to_token(self, index):
+        return self.tokens[index]
+
+    def convert_tokens_to_string(self, tokens):
+        return "".join(tokens)
+
+
+def _decode_every_prefix(tokenizer, ids):
+    """The former quadratic fallback, the reference: token k ends where ids[:k + 1] decodes."""
+    ends = [len(tokenizer.decode(ids[: k + 1])) for k in range(len(ids))]
+    return list(zip([0, *ends[:-1]], ends))
+
+
+def _assert_fallback_matches_on_random_ids(tokenizer):
+    """Prefix decoding itself (random ids may happen to be canonical and get offsets instead)."""
+    rng = random.Random(0)
+    for _ in range(20):
+        ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randrange(1, 80))]
+        assert spans._prefix_decoding_spans(tokenizer, ids) == _decode_every_prefix(tokenizer, ids)
+
+
+def test_slow_tokenizer_falls_back_to_prefix_decoding():
+    tokenizer = CharTokenizer(string.printable + "é∑")
+    assert not tokenizer.is_fast
+    ids, completion_mask = _batch(tokenizer, ["Q: 1+1?"], ["1 + 1 = 2 é∑ so \\boxed{2}."])
+    score, answer_mask = spans.completion_spans(tokenizer, ids, completion_mask)
+    assert _text(tokenizer, ids[0], answer_mask[0]) == "2"
+    assert _text(tokenizer, ids[0], score[0]) == "1 + 1 = 2 é∑ so "
+    row = ids[0, completion_mask[0]].tolist()
+    assert spans.token_char_spans(tokenizer, row)[1] == _decode_every_prefix(tokenizer, row)
+
+
+def test_prefix_decoding_matches_decoding_every_prefix(tokenizer):
+    # Characters the tokenizer never saw split into byte tokens: 2 for é, 3 for ∑, 4 for 😀.
+    text = "é is 2 bytes, ∑ 3 and 😀 4: \\boxed{é∑😀}. " * 4
+    ids = [i for ch in text for i in tokenizer.encode(ch)]
+    assert ids != tokenizer.encode(text) and tokenizer.decode(ids[:1]) == "\ufffd"  # half an é
+    decoded, char_spans = spans.token_char_spans(tokenizer, ids)
+    assert decoded == text and char_spans == _decode_every_prefix(tokenizer, ids)
+    # Any ids at all: special tokens, stray continuation bytes, truncated characters.
+    _assert_fallback_matches_on_random_ids(tokenizer)
+
+
+def _trained(model, pre_tokenizer, decoder, trainer):
+    """A fast tokenizer of another family, trained on CORPUS in-process."""
+    core = Tokenizer(model)
+    core.pre_tokenizer, core.decoder = pre_tokenizer, decoder
+    core.train_from_iterator(CORPUS * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, clean_up_tokenization_spaces=True)
+
+
+@pytest.mark.parametrize("family", ["metaspace", "wordpiece"])
+def test_prefix_decoding_matches_other_decoders(family):
+    # These decoders treat a text's first token specially (drop its space, keep its ##).
+    if family == "metaspace":
+        tokenizer = _trained(
+            models.BPE(), pre_tokenizers.Metaspace(), decoders.Metaspace(), trainers.BpeTrainer()
+        )
+    else:
+        tokenizer = _trained(
+            models.WordPiece(unk_token="[UNK]"),
+            pre_tokenizers.BertPreTokenizer(),
+            decoders.WordPiece(),
+            trainers.WordPieceTrainer(special_tokens=["[UNK]"]),
+        )
+    _assert_fallback_matches_on_random_ids(tokenizer)
+
+
+def test_prefix_decoding_is_linear(tokenizer):
+    text = "Add é to ∑ and 😀, " * 170 + "so \\boxed{19}."
+    ids = torch.tensor([[i for ch in text for i in tokenizer.encode(ch)]])
+    assert ids.shape[1] >= 4000 and ids[0].tolist() != tokenizer.encode(text)
+    started = time.perf_counter()
+    _, answer_mask = spans.completion_spans(tokenizer, ids, torch.ones_like(ids, dtype=bool))
+    assert time.perf_counter() - started < 0.5  # decoding every prefix took 2-10 s
+    assert _text(tokenizer, ids[0], answer_mask[0]) == "19"
