@@ -22,12 +22,15 @@ namespace {
 
 // Same constant as oar_kernels.reshape.EPS: keeps 1/(theta + eps) and the mass division finite.
 constexpr double kEps = 1e-8;
+// oar_kernels.reshape.MAX_BETA: beyond it a row's float32 weight mass could overflow.
+constexpr double kMaxBeta = 1e6;
 
 struct ReshapeParams {
   double tau;
   double beta;
   double floor;
   bool preserve_mass;
+  bool log_scale;  // false: the scores are already unit scores u in [0, 1]
 };
 
 // The hot loops below are written branch-free so the compiler vectorises them; on x86-64
@@ -75,13 +78,18 @@ inline float log1p_nonneg(float x) {
   return d == 0.0f ? x : scaled;
 }
 
+// u = (c - c_min) / spread with c = log1p(x), or c = x when `log_scale` is false (the input is
+// already u, normalised in double by unit_scores_double). A division, not a multiplication by
+// 1 / spread: that reciprocal overflows for a subnormal spread. The clamp keeps u in [0, 1],
+// which the bit-pattern selection relies on, whatever the last-place rounding.
 OAR_SIMD_CLONES
-void unit_scores(const float* x, float* u, int64_t n, float c_min, float spread) {
-  // A reciprocal is cheaper than a division per element; the clamp keeps u in [0, 1], which
-  // the bit-pattern selection relies on, whatever the last-place rounding.
-  const float inv_spread = 1.0f / spread;
-  for (int64_t i = 0; i < n; ++i) {
-    u[i] = std::min(std::max((log1p_nonneg(x[i]) - c_min) * inv_spread, 0.0f), 1.0f);
+void unit_scores(const float* x, float* u, int64_t n, float c_min, float spread, bool log_scale) {
+  if (log_scale) {
+    for (int64_t i = 0; i < n; ++i) {
+      u[i] = std::min(std::max((log1p_nonneg(x[i]) - c_min) / spread, 0.0f), 1.0f);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) u[i] = std::min(std::max((x[i] - c_min) / spread, 0.0f), 1.0f);
   }
 }
 
@@ -297,9 +305,9 @@ bool bilevel_row(const float* scores, const bool* mask, float* out, int64_t T,
   const float x_min = bits_to_float(bits_min);
   const float x_max = bits_to_float(bits_max);
   // log1p is monotone, so the extremes of c = log1p(x) come from those of x.
-  const float c_min = log1p_nonneg(x_min);
-  const float range = log1p_nonneg(x_max) - c_min;
-  unit_scores(x.data(), u.data(), n, c_min, range > 0.0f ? range : 1.0f);
+  const float c_min = p.log_scale ? log1p_nonneg(x_min) : x_min;
+  const float range = (p.log_scale ? log1p_nonneg(x_max) : x_max) - c_min;
+  unit_scores(x.data(), u.data(), n, c_min, range > 0.0f ? range : 1.0f, p.log_scale);
 
   // numpy's default ("linear") quantile between order statistics lo and lo + 1. u lies in
   // [0, 1], where floats order like their int32 bits: bisect on bits, counting each time.
@@ -322,22 +330,54 @@ bool bilevel_row(const float* scores, const bool* mask, float* out, int64_t T,
   return true;
 }
 
+// The same checks as oar_kernels/reshape.py's _check_params: the op's callers may bypass
+// the Python wrappers.
+void check_params(double tau, double beta, double floor) {
+  TORCH_CHECK_VALUE(tau >= 0.0 && tau <= 1.0, "tau must be [0.0, 1.0], got ", tau);
+  TORCH_CHECK_VALUE(beta >= 0.0 && beta <= kMaxBeta, "beta must be [0.0, ", kMaxBeta, "], got ",
+                    beta);
+  TORCH_CHECK_VALUE(floor >= 0.0 && floor <= 1.0, "floor must be [0.0, 1.0], got ", floor);
+}
+
+// SPEC section 6 steps 1-2 in double for float64 scores, which float32 cannot hold (1e300,
+// 1e-320): the kernel then runs on u in [0, 1], which it can.
+at::Tensor unit_scores_double(const at::Tensor& scores, const at::Tensor& mask) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const at::Tensor c = at::log1p(scores.clamp_min(0.0));
+  const at::Tensor c_min = at::where(mask, c, inf).amin(1, true);
+  const at::Tensor spread = at::where(mask, c, -inf).amax(1, true) - c_min;
+  const at::Tensor u = (c - c_min) / at::where(spread > 0.0, spread, at::ones_like(spread));
+  return at::where(mask, u, 0.0).to(at::kFloat);
+}
+
 void bilevel_weights_into_cpu(const at::Tensor& scores, const at::Tensor& score_mask, double tau,
                               double beta, double floor, bool preserve_mass, at::Tensor& out) {
+  TORCH_CHECK_TYPE(at::isFloatingType(scores.scalar_type()),
+                   "scores must have a floating-point dtype, got ", scores.scalar_type());
+  TORCH_CHECK_TYPE(!at::isFloatingType(score_mask.scalar_type()) &&
+                       !at::isComplexType(score_mask.scalar_type()),
+                   "score_mask must be a bool or integer tensor, got ", score_mask.scalar_type());
   TORCH_CHECK_VALUE(scores.dim() == 2, "scores must be [B, T], got ", scores.sizes());
   TORCH_CHECK_VALUE(score_mask.sizes() == scores.sizes(), "score_mask must match scores ",
                     scores.sizes(), ", got ", score_mask.sizes());
   TORCH_CHECK_VALUE(out.sizes() == scores.sizes() && out.scalar_type() == at::kFloat,
                     "out must be a float32 tensor of shape ", scores.sizes());
-  const auto scores_f = scores.to(at::kFloat).contiguous();
+  check_params(tau, beta, floor);
   const auto mask_b = score_mask.to(at::kBool).contiguous();
+  const bool log_scale = scores.scalar_type() != at::kDouble;
+  if (!log_scale) {
+    TORCH_CHECK_VALUE((at::isfinite(scores) | mask_b.logical_not()).all().item<bool>(),
+                      "scores must be finite where score_mask is set");
+  }
+  const auto scores_f =
+      (log_scale ? scores.to(at::kFloat) : unit_scores_double(scores, mask_b)).contiguous();
   const bool out_contiguous = out.is_contiguous();
   at::Tensor dst = out_contiguous ? out : at::empty_like(out, at::MemoryFormat::Contiguous);
 
   const int64_t B = scores_f.size(0);
   const int64_t T = scores_f.size(1);
   TORCH_CHECK_VALUE(T < std::numeric_limits<int32_t>::max(), "rows must be shorter than 2^31");
-  const ReshapeParams params{tau, beta, floor, preserve_mass};
+  const ReshapeParams params{tau, beta, floor, preserve_mass, log_scale};
   const float* s = scores_f.const_data_ptr<float>();
   const bool* m = mask_b.const_data_ptr<bool>();
   float* o = dst.mutable_data_ptr<float>();
@@ -357,7 +397,8 @@ void bilevel_weights_into_cpu(const at::Tensor& scores, const at::Tensor& score_
 
 at::Tensor bilevel_weights_cpu(const at::Tensor& scores, const at::Tensor& score_mask, double tau,
                                double beta, double floor, bool preserve_mass) {
-  at::Tensor out = at::empty(scores.sizes(), scores.options().dtype(at::kFloat));
+  at::Tensor out = at::empty(scores.sizes(), scores.options().dtype(at::kFloat),
+                            at::MemoryFormat::Contiguous);
   bilevel_weights_into_cpu(scores, score_mask, tau, beta, floor, preserve_mass, out);
   return out;
 }

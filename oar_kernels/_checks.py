@@ -37,8 +37,11 @@ def require_same_device(**tensors: torch.Tensor) -> None:
 
 
 def require_real_in(name: str, value, low: float, high: float = math.inf) -> float:
+    """A finite real number in [low, high]; infinities are refused even when high is inf."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
     if not (low <= value <= high):
         bounds = f"[{low}, {high}]" if high != math.inf else f">= {low}"
         raise ValueError(f"{name} must be {bounds}, got {value}")
@@ -74,10 +77,10 @@ def require_int(name: str, value, low: int, high: int | None = None) -> int:
 
 
 def require_token_ids(name: str, value) -> torch.Tensor:
-    """A [B, T] tensor of an integer dtype (bool is not a token id)."""
+    """A [B, T] tensor of the dtypes an embedding lookup takes (int64 or int32)."""
     require_tensor(name, value)
-    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
-        raise TypeError(f"{name} must have an integer dtype, got {value.dtype}")
+    if value.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must have dtype int64 or int32, got {value.dtype}")
     if value.dim() != 2:
         raise ValueError(f"{name} must be [B, T], got shape {tuple(value.shape)}")
     return value

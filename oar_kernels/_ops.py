@@ -85,8 +85,8 @@ def _grpo_loss_fake(
         hidden.new_empty((), dtype=acc),
         hidden.new_empty(3, dtype=acc),
         hidden.new_empty(hidden.shape[0], dtype=acc),
-        torch.empty_like(hidden),
-        torch.empty_like(weight),
+        hidden.new_empty(hidden.shape),
+        weight.new_empty(weight.shape),
         weight.new_empty(weight.shape[0] if bias is not None else 0),
     )
 
@@ -104,12 +104,16 @@ def _token_logprobs_backward_fake(
     grad_logprobs, grad_entropy, hidden, weight, targets, bias, lse, entropy, temperature
 ):
     grad_bias = weight.new_empty(weight.shape[0] if bias is not None else 0)
-    return torch.empty_like(hidden), torch.empty_like(weight), grad_bias
+    return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias
+
+
+# Every real kernel returns contiguous outputs, whatever its inputs' strides; the fakes must
+# say so (empty_like would copy a transposed input's strides).
 
 
 @torch.library.register_fake("oar::bilevel_weights")
 def _bilevel_weights_fake(scores, score_mask, tau, beta, floor, preserve_mass):
-    return torch.empty_like(scores, dtype=torch.float32)
+    return scores.new_empty(scores.shape, dtype=torch.float32)
 
 
 @torch.library.register_fake("oar::bilevel_weights_into")
@@ -119,4 +123,4 @@ def _bilevel_weights_into_fake(scores, score_mask, tau, beta, floor, preserve_ma
 
 @torch.library.register_fake("oar::reshape_advantages")
 def _reshape_advantages_fake(advantages, scores, score_mask, tau, beta, floor, preserve_mass):
-    return torch.empty_like(scores, dtype=torch.float32)
+    return scores.new_empty(scores.shape, dtype=torch.float32)

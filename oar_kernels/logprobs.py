@@ -75,7 +75,10 @@ def _scaled(logits, dtype, temperature, *, in_place):
 
 class FoldState:
     """Per-row softmax statistics folded over column chunks: running max of z = logits / T,
-    sum of exp(z - max), sum of exp(z - max) * z (for the entropy) and the target's z."""
+    sum of exp(z - max), sum of exp(z - max) * (z - max) (for the entropy) and the target's z.
+
+    Centring the entropy's sum on the max keeps every term in [-1/e, 0]: a sum of p * z
+    would overflow (and cancel against the logsumexp) for logits near float32's limits."""
 
     def __init__(self, rows: int, dtype: torch.dtype, device, with_entropy: bool, *, _views=None):
         if _views is not None:
@@ -95,10 +98,12 @@ class FoldState:
         )
 
     def finish(self, logprobs, lse, entropy=None) -> None:
-        torch.add(self.max, torch.log(self.sum), out=lse)
-        torch.sub(self.target, lse, out=logprobs)
+        log_sum = torch.log(self.sum)
+        torch.add(self.max, log_sum, out=lse)
+        # (z_t - max) - log sum, not z_t - lse: exact even where lse rounds (|logits| ~1e38).
+        torch.sub(self.target - self.max, log_sum, out=logprobs)
         if entropy is not None:
-            torch.sub(lse, self.dot / self.sum, out=entropy)
+            torch.sub(torch.log(self.sum), self.dot / self.sum, out=entropy)
 
 
 def _fold_torch(logits, targets, temperature, state: FoldState):
@@ -108,11 +113,17 @@ def _fold_torch(logits, targets, temperature, state: FoldState):
     """
     z = _scaled(logits, state.max.dtype, temperature, in_place=False)
     new_max = torch.maximum(state.max, z.amax(dim=1))
-    rescale = torch.exp(state.max - new_max)
-    e = torch.sub(z, new_max[:, None]).exp_()
-    state.sum.mul_(rescale).add_(e.sum(dim=1))
+    # Logits of -inf (masked vocabulary) have p = 0: shifting by a max of -inf would make
+    # exp(-inf - -inf) NaN, and their p * z must count as 0, not 0 * -inf.
+    shift = torch.where(new_max == -torch.inf, 0.0, new_max)
+    rescale = torch.exp(state.max - shift)
+    e = torch.sub(z, shift[:, None]).exp_()
     if state.dot.numel():
-        state.dot.mul_(rescale).add_(e.mul_(z).sum(dim=1))
+        # Re-centre the old sum on the new max; rescale = 0 drops it (and any 0 * inf).
+        moved = rescale * (state.dot + (state.max - shift) * state.sum)
+        centred = torch.where(e > 0, e * (z - shift[:, None]), 0.0)
+        state.dot.copy_(torch.where(rescale > 0, moved, 0.0).add_(centred.sum(dim=1)))
+    state.sum.mul_(rescale).add_(e.sum(dim=1))
     state.max.copy_(new_max)
     inside = (targets >= 0) & (targets < z.shape[1])
     picked = z.gather(1, targets.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
@@ -121,11 +132,14 @@ def _fold_torch(logits, targets, temperature, state: FoldState):
 
 def _logits_grad_torch(logits, targets, lse, entropy, grad_logprobs, grad_entropy, temperature):
     """Overwrites the chunk's logits with d(loss)/d(logits), using one extra chunk buffer."""
-    z = _scaled(logits, lse.dtype, temperature, in_place=True)
-    p = torch.sub(z, lse[:, None]).exp_()
+    log_p = _scaled(logits, lse.dtype, temperature, in_place=True).sub_(lse[:, None])
+    p = log_p.exp()
     if grad_entropy is not None:
-        # dH/dz_j = -p_j (z_j - sum_k p_k z_k) and sum_k p_k z_k = lse - H.
-        grad = z.sub_((lse - entropy)[:, None]).mul_(p).mul_(-grad_entropy[:, None])
+        # dH/dz_j = -p_j (log p_j + H). Where p_j = 0 (a logit of -inf) the term is 0, not
+        # 0 * -inf: log p_j is replaced by -H there.
+        neg_entropy = -entropy[:, None]
+        torch.where(p > 0, log_p, neg_entropy, out=log_p)
+        grad = log_p.sub_(neg_entropy).mul_(p).mul_(-grad_entropy[:, None])
         grad.addcmul_(p, grad_logprobs[:, None], value=-1.0)
     else:
         grad = p.mul_(-grad_logprobs[:, None])
@@ -166,17 +180,21 @@ if triton is not None:
         run_max = tl.load(max_ptr + row)
         run_sum = tl.load(sum_ptr + row)
         if WITH_ENTROPY:
-            run_dot = tl.load(dot_ptr + row)  # sum of exp(z - max) * z
+            run_dot = tl.load(dot_ptr + row)  # sum of exp(z - max) * (z - max)
         for start in range(0, V, BLOCK_V):
             in_vocab = start + cols < V  # padded vocab columns read as -inf
             z = tl.load(base + start + cols, mask=in_vocab, other=float("-inf")).to(tl.float32)
             z = z / temperature
             new_max = tl.maximum(run_max, tl.max(z, axis=0))
-            rescale = tl.exp(run_max - new_max)
-            e = tl.exp(z - new_max)
-            run_sum = run_sum * rescale + tl.sum(e, axis=0)
+            # As in _fold_torch: a max of -inf shifts by 0, and p = 0 contributes 0 to p * z.
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            rescale = tl.exp(run_max - shift)
+            e = tl.exp(z - shift)
             if WITH_ENTROPY:
-                run_dot = run_dot * rescale + tl.sum(e * tl.where(in_vocab, z, 0.0), axis=0)
+                moved = rescale * (run_dot + (run_max - shift) * run_sum)
+                centred = tl.where(e > 0.0, e * (z - shift), 0.0)
+                run_dot = tl.where(rescale > 0.0, moved, 0.0) + tl.sum(centred, axis=0)
+            run_sum = run_sum * rescale + tl.sum(e, axis=0)
             run_max = new_max
         tl.store(max_ptr + row, run_max)
         tl.store(sum_ptr + row, run_sum)
@@ -209,14 +227,15 @@ if triton is not None:
         g_logp = tl.load(grad_logprobs_ptr + row)
         if WITH_ENTROPY:
             g_ent = tl.load(grad_entropy_ptr + row)
-            mean_z = lse - tl.load(entropy_ptr + row)
+            entropy = tl.load(entropy_ptr + row)
         for start in range(0, V, BLOCK_V):
             in_vocab = start + cols < V
             z = tl.load(base + start + cols, mask=in_vocab, other=0.0).to(tl.float32) / temperature
-            p = tl.exp(z - lse)
+            log_p = z - lse
+            p = tl.exp(log_p)
             grad = tl.where(start + cols == target, g_logp, 0.0) - g_logp * p
             if WITH_ENTROPY:
-                grad -= g_ent * p * (z - mean_z)
+                grad -= g_ent * tl.where(p > 0.0, p * (log_p + entropy), 0.0)
             grad = grad / temperature
             tl.store(base + start + cols, grad.to(logits_ptr.dtype.element_ty), mask=in_vocab)
 
@@ -306,7 +325,9 @@ class LmHeadGrads:
         acc = accumulation_dtype(weight.dtype)
         self.hidden, self.weight = hidden, weight
         # NaN-filled so a row the chunk walk missed cannot pass as a value.
-        self.grad_hidden = torch.full_like(hidden, float("nan"))
+        self.grad_hidden = torch.full(
+            hidden.shape, float("nan"), dtype=hidden.dtype, device=hidden.device
+        )
         self.grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         self.grad_bias = torch.zeros(
             weight.shape[0] if with_bias else 0, dtype=acc, device=weight.device
@@ -419,7 +440,7 @@ def _backward_by_vocab(
     acc = accumulation_dtype(weight.dtype)
     grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
     # NaN-filled so a column range the chunk walk missed cannot pass as a value.
-    grad_weight = torch.full_like(weight, float("nan"))
+    grad_weight = torch.full(weight.shape, float("nan"), dtype=weight.dtype, device=weight.device)
     grad_bias = torch.full(
         (weight.shape[0] if bias is not None else 0,),
         float("nan"),
@@ -506,6 +527,41 @@ torch.library.register_autograd(
 # -------------------------------------------------------------------------- public API
 
 
+def check_lm_head(hidden, weight, targets, bias, *, hidden_dims) -> None:
+    """The lm-head arguments of token_logprobs and grpo_loss: hidden [..., H] with a rank in
+    `hidden_dims`, weight [V, H] (V >= 1) of hidden's dtype, integer targets shaped like
+    hidden[..., 0], bias [V] or None, all on one device. Target values are checked by the op."""
+    require_float_tensor("hidden", hidden)
+    require_float_tensor("weight", weight)
+    require_tensor("targets", targets)
+    if hidden.dim() not in hidden_dims:
+        raise ValueError(
+            f"hidden must have {' or '.join(map(str, hidden_dims))} dimensions, "
+            f"got shape {tuple(hidden.shape)}"
+        )
+    if weight.dim() != 2 or weight.shape[0] == 0 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"weight must be [V, H] with V >= 1 and hidden's H={hidden.shape[-1]}, got "
+            f"{tuple(weight.shape)}"
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"targets must have shape {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}"
+        )
+    if bias is not None:
+        require_float_tensor("bias", bias)
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be [V]=[{weight.shape[0]}], got {tuple(bias.shape)}")
+    optional = {"bias": bias} if bias is not None else {}
+    require_same_device(hidden=hidden, weight=weight, targets=targets, **optional)
+
+
 def token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -523,36 +579,11 @@ def token_logprobs(
     entropy of each position's distribution when return_entropy. Differentiable w.r.t.
     hidden, weight and bias.
     """
-    require_float_tensor("hidden", hidden)
-    require_float_tensor("weight", weight)
-    require_tensor("targets", targets)
-    if weight.dim() != 2 or hidden.dim() not in (2, 3) or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"hidden must be [N, H] or [B, T, H] and weight [V, H] with the same H, got "
-            f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)}"
-        )
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
-    if targets.is_floating_point() or targets.dtype == torch.bool:
-        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
-    if targets.shape != hidden.shape[:-1]:
-        raise ValueError(
-            f"targets must have shape {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}"
-        )
-    if bias is not None:
-        require_float_tensor("bias", bias)
-        if bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype:
-            raise ValueError(f"bias must be [V]={weight.shape[0]} of dtype {weight.dtype}")
-    require_same_device(
-        hidden=hidden,
-        weight=weight,
-        targets=targets,
-        **({"bias": bias} if bias is not None else {}),
-    )
+    check_lm_head(hidden, weight, targets, bias, hidden_dims=(2, 3))
     temperature = require_real_in("temperature", temperature, 1e-6)
     flat_targets = targets.reshape(-1).long()
     logprobs, entropy, _ = torch.ops.oar.token_logprobs(
-        hidden.reshape(-1, hidden.shape[-1]).contiguous(),
+        hidden.reshape(targets.numel(), hidden.shape[-1]).contiguous(),
         weight.contiguous(),
         flat_targets.contiguous(),
         bias,

@@ -19,11 +19,11 @@ from oar_kernels._checks import (
     require_mask,
     require_real_in,
     require_same_device,
-    require_tensor,
 )
 from oar_kernels._ops import lib
 from oar_kernels.logprobs import (
     accumulation_dtype,
+    check_lm_head,
     chunk_steps,
     chunked_backward,
     chunked_forward,
@@ -65,6 +65,10 @@ def per_token_terms(logprobs, old_logprobs, ref_logprobs, advantages, eps_low, e
     return loss + beta * k3, dloss + beta * (1 - gap), clipped, ratio, k3
 
 
+def _weighted(weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return torch.where(weight != 0, weight * values, 0.0)
+
+
 def _grpo_loss_impl(
     hidden,
     weight,
@@ -91,11 +95,13 @@ def _grpo_loss_impl(
         logprobs, old, ref, advantages.to(acc), epsilon_low, epsilon_high, beta
     )
     w, m = token_weight.to(acc), metric_weight.to(acc)
-    loss = (w * terms).sum()
-    metrics = torch.stack([(m * clipped).sum(), (m * k3).sum(), (m * ratio).sum()])
+    # Tokens of weight 0 (padding) are selected out, not multiplied by 0: whatever their
+    # advantages or old/ref logprobs hold (NaN, or a ratio that overflows), they count for 0.
+    loss = _weighted(w, terms).sum()
+    metrics = torch.stack([_weighted(m, x).sum() for x in (clipped, k3, ratio)])
     # The loss is linear in the per-token terms: its logprob gradient is w * d terms / d lp.
     grads = chunked_backward(
-        w * dterms,
+        _weighted(w, dterms),
         no_entropy,
         hidden,
         weight,
@@ -120,6 +126,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *_unused):
+    if torch.is_grad_enabled():
+        # The gradients were computed in the forward as constants: a graph through them would
+        # silently give zero second derivatives.
+        raise RuntimeError(
+            "grpo_loss does not support double backward (backward with create_graph=True)"
+        )
     grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
     scale = grad_loss.to(grad_hidden.dtype)
     return (
@@ -178,19 +190,8 @@ def grpo_loss(
     loss_type: "grpo", "bnpo", "dapo" or "dr_grpo", aggregated as TRL does.
     Returns GRPOLoss; loss.backward() reaches hidden, weight and bias.
     """
-    require_float_tensor("hidden", hidden)
-    require_float_tensor("weight", weight)
-    if hidden.dim() != 3 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"hidden must be [B, T, H] and weight [V, H] with the same H, got "
-            f"{tuple(hidden.shape)} and {tuple(weight.shape)}"
-        )
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    check_lm_head(hidden, weight, targets, bias, hidden_dims=(3,))
     shape = hidden.shape[:2]
-    require_tensor("targets", targets)
-    if targets.is_floating_point() or targets.dtype == torch.bool or targets.shape != shape:
-        raise TypeError(f"targets must be an integer tensor of shape {tuple(shape)}")
     require_float_tensor("advantages", advantages)
     if advantages.shape not in (shape[:1], shape):
         raise ValueError(
@@ -198,10 +199,10 @@ def grpo_loss(
         )
     mask = require_mask("mask", mask, shape)
     for name, value in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
-        if value is not None and (not value.is_floating_point() or value.shape != shape):
-            raise ValueError(f"{name} must be a float tensor of shape {tuple(shape)}")
-    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype):
-        raise ValueError(f"bias must be [V]={weight.shape[0]} of dtype {weight.dtype}")
+        if value is not None:
+            require_float_tensor(name, value)
+            if value.shape != shape:
+                raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(value.shape)}")
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     epsilon_low = require_real_in("epsilon_low", epsilon_low, 0.0, 1.0)
@@ -212,11 +213,9 @@ def grpo_loss(
     if beta > 0 and ref_logprobs is None:
         raise ValueError("beta > 0 needs ref_logprobs")
     temperature = require_real_in("temperature", temperature, 1e-6)
-    optional = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "bias": bias}
+    optional = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs}
     require_same_device(
         hidden=hidden,
-        weight=weight,
-        targets=targets,
         advantages=advantages,
         mask=mask,
         **{k: v for k, v in optional.items() if v is not None},
@@ -226,7 +225,7 @@ def grpo_loss(
     per_token_adv = advantages[:, None].expand(shape) if advantages.dim() == 1 else advantages
     flat = lambda t: None if t is None else t.detach().reshape(-1)  # noqa: E731
     loss, metrics, logprobs, *_ = torch.ops.oar.grpo_loss(
-        hidden.reshape(-1, hidden.shape[-1]),
+        hidden.reshape(shape.numel(), hidden.shape[-1]),
         weight,
         targets.reshape(-1).long(),
         flat(per_token_adv),

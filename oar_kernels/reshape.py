@@ -34,6 +34,19 @@ BETA = 1.0
 FLOOR = 0.1
 # Longest row chunk a Triton program holds at once; longer rows loop over chunks.
 MAX_BLOCK = 4096
+# A boosted weight is at most 1 + beta, and a row's mass sums up to 2^31 of them in float32:
+# a larger beta could overflow that sum (and already makes every damped weight vanish).
+MAX_BETA = 1e6
+
+
+def _check_params(tau, beta, floor, preserve_mass):
+    """Validates the scalar arguments (the same checks as csrc/reshape.cpp's op)."""
+    return (
+        require_real_in("tau", tau, 0.0, 1.0),
+        require_real_in("beta", beta, 0.0, MAX_BETA),
+        require_real_in("floor", floor, 0.0, 1.0),
+        require_bool("preserve_mass", preserve_mass),
+    )
 
 
 def _check_args(scores, score_mask, tau, beta, floor, preserve_mass):
@@ -43,14 +56,35 @@ def _check_args(scores, score_mask, tau, beta, floor, preserve_mass):
         raise ValueError(f"scores must be [B, T], got shape {tuple(scores.shape)}")
     mask = require_mask("score_mask", score_mask, scores.shape)
     require_same_device(scores=scores, score_mask=score_mask)
-    return (
-        scores.detach(),
-        mask.detach(),
-        require_real_in("tau", tau, 0.0, 1.0),
-        require_real_in("beta", beta, 0.0),
-        require_real_in("floor", floor, 0.0, 1.0),
-        require_bool("preserve_mass", preserve_mass),
-    )
+    return (scores.detach(), mask.detach(), *_check_params(tau, beta, floor, preserve_mass))
+
+
+def unit_scores(scores, mask) -> torch.Tensor:
+    """SPEC section 6 steps 1-2, u = (c - min c) / spread with c = log1p(max(score, 0)), in the
+    scores' precision (float64 stays float64) and then as float32 in [0, 1].
+
+    Computing c before narrowing keeps float64 scores beyond float32's range (1e300) and
+    below its subnormals (1e-320) exact; u itself always fits float32.
+    """
+    acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    c = torch.log1p(scores.to(acc).clamp_min(0))
+    c_min = torch.where(mask, c, torch.inf).amin(dim=1, keepdim=True)
+    c_max = torch.where(mask, c, -torch.inf).amax(dim=1, keepdim=True)
+    spread = c_max - c_min
+    u = (c - c_min) / torch.where(spread > 0, spread, 1.0)
+    return torch.where(mask, u, 0.0).to(torch.float32)
+
+
+def _check_op_args(scores, score_mask, tau, beta, floor, preserve_mass, out):
+    """Every kernel's own checks: callers of torch.ops.oar.* bypass the public wrappers."""
+    scores, mask, *params = _check_args(scores, score_mask, tau, beta, floor, preserve_mass)
+    if out.shape != scores.shape or out.dtype != torch.float32 or out.device != scores.device:
+        raise ValueError(
+            f"out must be a float32 tensor of shape {tuple(scores.shape)} on {scores.device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    require_finite("scores", scores, where=mask)
+    return scores, mask, *params
 
 
 # ---------------------------------------------------------------------------- reference
@@ -93,16 +127,13 @@ def bilevel_weights_reference(
 
 def _bilevel_weights_torch(scores, score_mask, tau, beta, floor, preserve_mass, *, out):
     """Whole batch at once: a row sort gives both order statistics of the quantile."""
-    require_finite("scores", scores, where=score_mask)
+    scores, mask, tau, beta, floor, preserve_mass = _check_op_args(
+        scores, score_mask, tau, beta, floor, preserve_mass, out
+    )
     if out.numel() == 0:
         return
-    mask = score_mask
-    c = torch.log1p(scores.float().clamp_min(0))
     n = mask.sum(dim=1, keepdim=True)
-    c_min = torch.where(mask, c, torch.inf).amin(dim=1, keepdim=True)
-    c_max = torch.where(mask, c, -torch.inf).amax(dim=1, keepdim=True)
-    spread = c_max - c_min
-    u = (c - c_min) / torch.where(spread > 0, spread, 1.0)
+    u = unit_scores(scores, mask)
     # Unscored slots sort after every u in [0, 1], so order statistics index the scored ones.
     ordered = torch.where(mask, u, 2.0).sort(dim=1).values
     last = (n - 1).clamp_min(0)
@@ -136,14 +167,20 @@ if triton is not None:
         return tl.where(tiny, x, tl.log(y) * (x / tl.where(tiny, 1.0, d)))
 
     @triton.jit
-    def _load_log_scores(scores_row, mask_row, cols, T, stride_st, stride_mt):
+    def _load_log_scores(scores_row, mask_row, cols, T, stride_st, stride_mt, UNIT: tl.constexpr):
+        """c = log1p(max(x, 0)); with UNIT the scores are already u in [0, 1] (float64 input,
+        normalised in its own precision by `unit_scores`) and pass through."""
         m = tl.load(mask_row + cols * stride_mt, mask=cols < T, other=0) != 0
         x = tl.load(scores_row + cols * stride_st, mask=m, other=0.0).to(tl.float32)
+        if UNIT:
+            return x, m
         return _log1p(tl.maximum(x, 0.0)), m
 
     @triton.jit
-    def _load_unit_scores(scores_row, mask_row, cols, T, stride_st, stride_mt, c_min, spread):
-        c, m = _load_log_scores(scores_row, mask_row, cols, T, stride_st, stride_mt)
+    def _load_unit_scores(
+        scores_row, mask_row, cols, T, stride_st, stride_mt, c_min, spread, UNIT: tl.constexpr
+    ):
+        c, m = _load_log_scores(scores_row, mask_row, cols, T, stride_st, stride_mt, UNIT)
         # Clamped so every pass sees u in [0, 1] even where division is approximate.
         return tl.minimum(tl.maximum((c - c_min) / spread, 0.0), 1.0), m
 
@@ -170,6 +207,7 @@ if triton is not None:
         floor,
         EPS: tl.constexpr,
         PRESERVE_MASS: tl.constexpr,
+        UNIT: tl.constexpr,
         BLOCK: tl.constexpr,
         ROW_FITS: tl.constexpr,
     ):
@@ -185,7 +223,9 @@ if triton is not None:
         c_min = tl.full((), float("inf"), tl.float32)
         c_max = tl.full((), float("-inf"), tl.float32)
         for start in range(0, T, BLOCK):
-            c, m = _load_log_scores(scores_row, mask_row, start + cols, T, stride_st, stride_mt)
+            c, m = _load_log_scores(
+                scores_row, mask_row, start + cols, T, stride_st, stride_mt, UNIT
+            )
             n += tl.sum(m.to(tl.int32), axis=0)
             c_min = tl.minimum(c_min, tl.min(tl.where(m, c, float("inf")), axis=0))
             c_max = tl.maximum(c_max, tl.max(tl.where(m, c, float("-inf")), axis=0))
@@ -193,7 +233,7 @@ if triton is not None:
         spread = tl.where(spread > 0.0, spread, 1.0)
         if ROW_FITS:
             u_row, m_row = _load_unit_scores(
-                scores_row, mask_row, cols, T, stride_st, stride_mt, c_min, spread
+                scores_row, mask_row, cols, T, stride_st, stride_mt, c_min, spread, UNIT
             )
 
         h = tl.maximum(n - 1, 0).to(tl.float32) * tau
@@ -211,7 +251,15 @@ if triton is not None:
                 count = tl.zeros((), tl.int32)
                 for start in range(0, T, BLOCK):
                     u, m = _load_unit_scores(
-                        scores_row, mask_row, start + cols, T, stride_st, stride_mt, c_min, spread
+                        scores_row,
+                        mask_row,
+                        start + cols,
+                        T,
+                        stride_st,
+                        stride_mt,
+                        c_min,
+                        spread,
+                        UNIT,
                     )
                     count += tl.sum((m & (u.to(tl.int32, bitcast=True) <= mid)).to(tl.int32))
             enough = count >= rank
@@ -228,7 +276,7 @@ if triton is not None:
             above = tl.full((), float("inf"), tl.float32)
             for start in range(0, T, BLOCK):
                 u, m = _load_unit_scores(
-                    scores_row, mask_row, start + cols, T, stride_st, stride_mt, c_min, spread
+                    scores_row, mask_row, start + cols, T, stride_st, stride_mt, c_min, spread, UNIT
                 )
                 n_at_most += tl.sum((m & (u <= v_lo)).to(tl.int32))
                 above = tl.minimum(above, tl.min(tl.where(m & (u > v_lo), u, float("inf"))))
@@ -243,7 +291,15 @@ if triton is not None:
                 mass = tl.zeros((), tl.float32)
                 for start in range(0, T, BLOCK):
                     u, m = _load_unit_scores(
-                        scores_row, mask_row, start + cols, T, stride_st, stride_mt, c_min, spread
+                        scores_row,
+                        mask_row,
+                        start + cols,
+                        T,
+                        stride_st,
+                        stride_mt,
+                        c_min,
+                        spread,
+                        UNIT,
                     )
                     mass += tl.sum(tl.where(m, _bilevel(u, theta, beta, floor, EPS), 0.0))
             scale = n.to(tl.float32) / (mass + EPS)
@@ -253,7 +309,7 @@ if triton is not None:
         else:
             for start in range(0, T, BLOCK):
                 u, m = _load_unit_scores(
-                    scores_row, mask_row, start + cols, T, stride_st, stride_mt, c_min, spread
+                    scores_row, mask_row, start + cols, T, stride_st, stride_mt, c_min, spread, UNIT
                 )
                 w = tl.where(m, _bilevel(u, theta, beta, floor, EPS) * scale, 1.0)
                 tl.store(out_row + (start + cols) * stride_ot, w, mask=start + cols < T)
@@ -267,12 +323,18 @@ def _bilevel_weights_triton(
     Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests).
     `block_size` overrides the row chunk (a power of two) so tests can force multi-chunk rows.
     """
-    require_finite("scores", scores, where=score_mask)
+    scores, mask, tau, beta, floor, preserve_mass = _check_op_args(
+        scores, score_mask, tau, beta, floor, preserve_mass, out
+    )
     B, T = scores.shape
     if out.numel() == 0:
         return
+    # float32 cannot hold every float64 score (nor its log1p's spread): normalise first.
+    unit = scores.dtype == torch.float64
+    if unit:
+        scores = unit_scores(scores, mask)
     block = block_size or min(triton.next_power_of_2(T), MAX_BLOCK)
-    mask = score_mask.view(torch.uint8)
+    mask = mask.view(torch.uint8)
     # The launch goes to the current CUDA device: make it the tensors' device.
     with torch.cuda.device(scores.device) if scores.is_cuda else contextlib.nullcontext():
         _bilevel_weights_kernel[(B,)](
@@ -291,6 +353,7 @@ def _bilevel_weights_triton(
             floor,
             EPS=EPS,
             PRESERVE_MASS=preserve_mass,
+            UNIT=unit,
             BLOCK=block,
             ROW_FITS=T <= block,
             num_warps=8 if block >= 2048 else 4,
@@ -324,10 +387,22 @@ _register_bilevel_weights(
 
 
 def weigh_advantages(advantages, weights):
-    """A_{b,t} = A_b * w_{b,t} as float32 [B, T]; advantages [B] or [B, T], finite."""
-    require_finite("advantages", advantages)
-    per_row = advantages.to(torch.float32)
-    return weights * (per_row.unsqueeze(1) if per_row.dim() == 1 else per_row)
+    """A_{b,t} = A_b * w_{b,t} as float32 [B, T]; advantages [B] or [B, T], finite.
+
+    The product is taken in the advantages' precision and must fit the float32 result:
+    float64 advantages of 1e39 are an error, not a silent inf.
+    """
+    per_row = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    acc = torch.float64 if advantages.dtype == torch.float64 else torch.float32
+    weighted = (weights.to(acc) * per_row.to(acc)).to(torch.float32)
+    if weighted.numel() and not bool(torch.isfinite(weighted).all()):
+        require_finite("advantages", advantages)
+        raise ValueError(
+            "advantages times their weights overflow the float32 result "
+            f"(largest |advantage| {advantages.abs().max().item():.3g}, largest weight "
+            f"{weights.max().item():.3g}); scale the advantages down"
+        )
+    return weighted
 
 
 def _reshape_advantages_impl(advantages, scores, score_mask, tau, beta, floor, preserve_mass):

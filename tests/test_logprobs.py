@@ -192,7 +192,7 @@ def _bad_calls():
     return [
         ("hidden-int", lambda: ok.token_logprobs(h.long(), w, t), TypeError, "hidden"),
         ("weight-1d", lambda: ok.token_logprobs(h, w[0], t), ValueError, "weight"),
-        ("h-mismatch", lambda: ok.token_logprobs(h[:, :4], w, t), ValueError, "same H"),
+        ("h-mismatch", lambda: ok.token_logprobs(h[:, :4], w, t), ValueError, "hidden.s H"),
         ("dtype-mix", lambda: ok.token_logprobs(h.double(), w, t), TypeError, "share a dtype"),
         ("targets-float", lambda: ok.token_logprobs(h, w, t.float()), TypeError, "targets"),
         ("targets-shape", lambda: ok.token_logprobs(h, w, t[:3]), ValueError, "targets"),

@@ -1,0 +1,330 @@
+"""Adversarial inputs to the ops (issue 11): each test here failed before its fix.
+
+Wrong numbers first (subnormal and beyond-float32 scores, NaN in padding, -inf logits,
+double backward), then the ops' own argument checks, fake-kernel strides and empty sizes.
+"""
+
+import math
+
+import pytest
+import torch
+
+import oar_kernels as ok
+from oar_kernels import _extension, logprobs, reshape
+from oar_kernels.logprobs import token_logprobs_reference
+from oar_kernels.testing import assert_verbose_allclose, triton_device_or_skip
+
+DEFAULTS = dict(tau=0.25, beta=1.0, floor=0.1, preserve_mass=True)
+
+
+def _weights_by_path(path, scores, mask, **params):
+    """One reshape backend on NaN-poisoned output, reached the way a raw-op caller would."""
+    params = {**DEFAULTS, **params}
+    args = (params["tau"], params["beta"], params["floor"], params["preserve_mass"])
+    if path == "cpp":
+        if not _extension.LOADED:
+            pytest.skip(f"C++ extension not loaded: {_extension.STATUS}")
+        out = torch.full(scores.shape, float("nan"))
+        torch.ops.oar.bilevel_weights_into(scores, mask, *args, out)
+        return out
+    if path == "triton":
+        device = triton_device_or_skip(reshape.triton)
+        scores, mask = scores.to(device), mask.to(device)
+        out = torch.full(scores.shape, float("nan"), device=device)
+        reshape._bilevel_weights_triton(scores, mask, *args, out=out)
+        return out.cpu()
+    out = torch.full(scores.shape, float("nan"))
+    reshape._bilevel_weights_torch(scores, mask, *args, out=out)
+    return out
+
+
+PATHS = ["cpp", "torch", "triton"]
+
+
+def _extreme_scores():
+    gen = torch.Generator().manual_seed(0)
+    tiny = torch.rand(4, 1000, generator=gen, dtype=torch.float64)
+    return {
+        "f32-subnormal-pair": torch.tensor([[0.0, 1e-39]]),
+        "f32-subnormal-rows": (tiny * 1e-39).float(),
+        "f64-subnormal-rows": tiny * 1e-39,
+        "f64-below-f32-subnormals": torch.tensor([[0.0, 1e-320, 3e-320]], dtype=torch.float64),
+        "f64-beyond-f32-max": torch.tensor([[1e300, 1.0, 0.0]], dtype=torch.float64),
+        "f64-huge-spread": torch.tensor([[1e-300, 1e300, 1e150, 7.0]], dtype=torch.float64),
+        "f32-near-max": torch.tensor([[3.4e38, 3.3e38, 1.0, 0.0]]),
+    }
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", list(_extreme_scores()))
+def test_reshape_is_right_over_the_whole_finite_range(path, name):
+    scores = _extreme_scores()[name]
+    mask = torch.ones(scores.shape, dtype=torch.bool)
+    expected = reshape.bilevel_weights_reference(scores, mask, **DEFAULTS)
+    got = _weights_by_path(path, scores, mask)
+    assert_verbose_allclose(got, expected, rtol=1e-4, atol=1e-5, name=f"{path} {name}")
+
+
+def test_reshape_advantages_beyond_float32_is_an_error():
+    scores = torch.rand(2, 5)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match="advantages"):
+        ok.reshape_advantages(torch.tensor([1e39, 1.0], dtype=torch.float64), scores, mask)
+    # Within range but overflowing once weighted (weights reach ~2): still an error, not inf.
+    with pytest.raises(ValueError, match="advantages"):
+        ok.reshape_advantages(torch.tensor([3e38, 1.0]), scores, mask)
+    finite = ok.reshape_advantages(torch.tensor([1e30, -1e30], dtype=torch.float64), scores, mask)
+    assert torch.isfinite(finite).all()
+
+
+# ------------------------------------------------------------------------ the raw ops
+
+
+def _bad_params():
+    nan, inf = float("nan"), float("inf")
+    return [
+        ("tau", nan),
+        ("tau", -5.0),
+        ("tau", 2.0),
+        ("tau", 1e30),
+        ("beta", inf),
+        ("beta", nan),
+        ("beta", -1.0),
+        ("beta", 1e30),
+        ("floor", 5.0),
+        ("floor", nan),
+    ]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("param", _bad_params(), ids=lambda p: f"{p[0]}={p[1]}")
+def test_every_reshape_kernel_checks_its_scalars(path, param):
+    name, value = param
+    scores, mask = torch.rand(2, 6), torch.ones(2, 6, dtype=torch.bool)
+    with pytest.raises(ValueError, match=name):
+        _weights_by_path(path, scores, mask, **{name: value})
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_every_reshape_kernel_reads_integer_masks_as_masks(path):
+    scores = torch.rand(3, 10, generator=torch.Generator().manual_seed(1))
+    mask = torch.rand(3, 10, generator=torch.Generator().manual_seed(2)) < 0.6
+    expected = reshape.bilevel_weights_reference(scores, mask, **DEFAULTS)
+    for dtype in (torch.int64, torch.int32, torch.uint8):
+        got = _weights_by_path(path, scores, mask.to(dtype))
+        assert_verbose_allclose(got, expected, rtol=1e-4, atol=1e-5, name=f"{path} {dtype}")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_every_reshape_kernel_refuses_a_float_mask(path):
+    with pytest.raises(TypeError, match="score_mask"):
+        _weights_by_path(path, torch.rand(2, 3), torch.ones(2, 3))
+
+
+def test_compiled_reshape_of_a_transposed_input_matches_eager():
+    torch._dynamo.reset()
+    scores, mask = torch.rand(9, 3).t(), torch.ones(3, 9, dtype=torch.bool)
+    compiled = torch.compile(lambda s, m: ok.bilevel_weights(s, m).view(-1), fullgraph=True)
+    assert torch.equal(compiled(scores, mask), ok.bilevel_weights(scores, mask).view(-1))
+
+
+def _non_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The same values stored transposed (a 2-D tensor) or with a stride of 2 (1-D)."""
+    if t.dim() == 2:
+        return t.t().contiguous().t()
+    return torch.stack([t, t], dim=1)[:, 0]
+
+
+def test_opcheck_every_op_on_non_contiguous_inputs():
+    gen = torch.Generator().manual_seed(3)
+    nc = _non_contiguous
+    scores = nc(torch.rand(4, 7, generator=gen))
+    mask = nc(torch.rand(4, 7, generator=gen) < 0.7)
+    params = (0.3, 1.0, 0.1, True)
+    torch.library.opcheck(torch.ops.oar.bilevel_weights.default, (scores, mask, *params))
+    out = nc(torch.empty(4, 7))
+    torch.library.opcheck(torch.ops.oar.bilevel_weights_into.default, (scores, mask, *params, out))
+    adv = nc(torch.randn(4, 7, generator=gen))
+    torch.library.opcheck(torch.ops.oar.reshape_advantages.default, (adv, scores, mask, *params))
+
+    hidden = nc(torch.randn(6, 5, generator=gen)).requires_grad_()
+    weight = nc(torch.randn(11, 5, generator=gen)).requires_grad_()
+    targets = nc(torch.randint(0, 11, (6, 1), generator=gen)).squeeze(1)
+    bias = nc(torch.randn(11, 1, generator=gen)).squeeze(1)
+    torch.library.opcheck(
+        torch.ops.oar.token_logprobs.default, (hidden, weight, targets, bias, 0.9, True)
+    )
+    row = nc(torch.randn(6, 2, generator=gen))[:, 0]
+    torch.library.opcheck(
+        torch.ops.oar.grpo_loss.default,
+        (hidden, weight, targets, row, row.abs(), row.abs(), row - 1, row - 2, bias)
+        + (0.2, 0.2, 0.1, 0.9),
+    )
+    grad = nc(torch.randn(2, 5, 3, generator=gen).transpose(1, 2).contiguous().transpose(1, 2))
+    embeds = grad.flip(0)
+    torch.library.opcheck(torch.ops.oar.saliency.default, (grad, embeds, mask[:2, :5]))
+
+
+# ---------------------------------------------------------------------------- grpo_loss
+
+
+def _loss_problem(seed=0, rows=3, length=6, vocab=13, width=8):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, length, width, generator=gen)
+    weight = torch.randn(vocab, width, generator=gen) / width**0.5
+    targets = torch.randint(0, vocab, (rows, length), generator=gen)
+    mask = torch.ones(rows, length, dtype=torch.bool)
+    mask[0, 4:] = False
+    mask[2, :2] = False
+    adv = torch.randn(rows, length, generator=gen)
+    old = -torch.rand(rows, length, generator=gen) * 3
+    ref = -torch.rand(rows, length, generator=gen) * 3
+    return hidden, weight, targets, mask, adv, old, ref
+
+
+def _loss_and_grads(hidden, weight, targets, mask, adv, old, ref, loss_type):
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+    out = ok.grpo_loss(
+        *leaves,
+        targets,
+        adv,
+        mask,
+        old_logprobs=old,
+        ref_logprobs=ref,
+        beta=0.1,
+        loss_type=loss_type,
+    )
+    out.loss.backward()
+    metrics = torch.stack([out.clip_fraction, out.mean_kl, out.mean_ratio])
+    return out.loss.detach(), metrics, leaves[0].grad, leaves[1].grad
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -1e30])
+def test_grpo_loss_ignores_whatever_padding_holds(loss_type, poison):
+    hidden, weight, targets, mask, adv, old, ref = _loss_problem()
+    clean = _loss_and_grads(hidden, weight, targets, mask, adv, old, ref, loss_type)
+    bad = [torch.where(mask, t, poison) for t in (adv, old, ref)]
+    dirty = _loss_and_grads(hidden, weight, targets, mask, *bad, loss_type)
+    for name, a, b in zip(("loss", "metrics", "d hidden", "d weight"), dirty, clean):
+        assert_verbose_allclose(a, b, rtol=1e-6, atol=1e-7, name=name)
+
+
+def test_grpo_loss_refuses_double_backward():
+    hidden, weight, targets, mask, adv, old, _ = _loss_problem()
+    hidden.requires_grad_()
+    out = ok.grpo_loss(hidden, weight, targets, adv, mask, old_logprobs=old)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.loss, hidden, create_graph=True)
+    (grad,) = torch.autograd.grad(out.loss, hidden)  # a plain backward still works
+    assert torch.isfinite(grad).all()
+
+
+def test_grpo_loss_argument_errors_have_the_right_types():
+    hidden, weight, targets, mask, adv, old, _ = _loss_problem()
+    with pytest.raises(TypeError, match="old_logprobs"):
+        ok.grpo_loss(hidden, weight, targets, adv, mask, old_logprobs=[[0.0]])
+    with pytest.raises(TypeError, match="ref_logprobs"):
+        ok.grpo_loss(hidden, weight, targets, adv, mask, ref_logprobs=old.long(), beta=0.1)
+    with pytest.raises(ValueError, match="targets"):
+        ok.grpo_loss(hidden, weight, targets[:, :3], adv, mask)
+    with pytest.raises(ValueError, match="old_logprobs"):
+        ok.grpo_loss(hidden, weight, targets, adv, mask, old_logprobs=old[:, :2])
+    with pytest.raises(ValueError, match="weight"):
+        ok.grpo_loss(hidden, weight[:0], targets, adv, mask)
+    for name, value in (("beta", math.inf), ("epsilon_high", math.nan), ("temperature", math.inf)):
+        with pytest.raises(ValueError, match=name):
+            ok.grpo_loss(hidden, weight, targets, adv, mask, ref_logprobs=old, **{name: value})
+
+
+# ------------------------------------------------------------------------ token_logprobs
+
+
+def _masked_vocab_problem(seed=5, rows=7, vocab=29, width=6):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, width, generator=gen, dtype=torch.float64)
+    weight = torch.randn(vocab, width, generator=gen, dtype=torch.float64)
+    bias = torch.zeros(vocab, dtype=torch.float64)
+    bias[vocab // 3 : vocab // 2] = -torch.inf  # a masked stretch, as vocab padding is
+    bias[-3:] = -torch.inf
+    allowed = torch.isfinite(bias).nonzero().squeeze(1)
+    targets = allowed[torch.randint(0, len(allowed), (rows,), generator=gen)]
+    return hidden, weight, targets, bias, allowed
+
+
+def _reference_on_allowed(hidden, weight, targets, bias, allowed):
+    """The reference over the finite columns only: what -inf columns must amount to."""
+    remap = torch.full((weight.shape[0],), -1, dtype=torch.long)
+    remap[allowed] = torch.arange(len(allowed))
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight)]
+    lp, ent = token_logprobs_reference(
+        leaves[0], leaves[1][allowed], remap[targets], bias=bias[allowed]
+    )
+    (lp.sum() + ent.sum()).backward()
+    return lp.detach(), ent.detach(), leaves[0].grad, leaves[1].grad[allowed]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("vocab_chunk", [None, 4], ids=["one-chunk", "chunks-of-4"])
+def test_entropy_and_its_gradient_with_minus_inf_logits(dtype, vocab_chunk, monkeypatch):
+    if vocab_chunk:  # the first chunk of some rows can be all -inf
+        monkeypatch.setattr(logprobs, "MIN_CHUNK_COLS", 1)
+        monkeypatch.setitem(logprobs.CHUNK_BYTES, "cpu", 8 * 7 * vocab_chunk)
+    hidden, weight, targets, bias, allowed = _masked_vocab_problem()
+    want = _reference_on_allowed(hidden, weight, targets, bias, allowed)
+    leaves = [t.to(dtype).requires_grad_() for t in (hidden, weight)]
+    lp, ent = ok.token_logprobs(*leaves, targets, bias=bias.to(dtype), return_entropy=True)
+    (lp.sum() + ent.sum()).backward()
+    got = (lp, ent, leaves[0].grad, leaves[1].grad[allowed])
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    for name, a, b in zip(("logprobs", "entropy", "d hidden", "d weight"), got, want):
+        assert_verbose_allclose(a, b, rtol=tol, atol=tol, name=name)
+    assert (leaves[1].grad[torch.isinf(bias)] == 0).all()
+
+
+def test_triton_steps_with_minus_inf_logits():
+    device = triton_device_or_skip(logprobs.triton)
+    hidden, weight, targets, bias, allowed = _masked_vocab_problem(rows=3)
+    lp_want, ent_want, *_ = _reference_on_allowed(hidden, weight, targets, bias, allowed)
+    h, w, b = (t.float().to(device) for t in (hidden, weight, bias))
+    targets = targets.to(device)
+    lp, ent, lse = logprobs.chunked_forward(h, w, targets, b, 1.0, True, logprobs._fold_triton)
+    assert_verbose_allclose(lp, lp_want, rtol=1e-4, atol=1e-4, name="triton logprobs")
+    assert_verbose_allclose(ent, ent_want, rtol=1e-4, atol=1e-4, name="triton entropy")
+    ones = torch.ones(3, device=device)
+    grads = [
+        logprobs.chunked_backward(ones, ones, h, w, targets, b, lse, ent, 1.0, logits_grad=step)
+        for step in (logprobs._logits_grad_triton, logprobs._logits_grad_torch)
+    ]
+    for name, a, b in zip(("d hidden", "d weight", "d bias"), *grads):
+        assert torch.isfinite(a).all(), name
+        assert_verbose_allclose(a, b, rtol=1e-5, atol=1e-6, name=f"triton {name}")
+
+
+def test_entropy_stays_right_for_logits_near_float32_limits():
+    # Two equal logits of 3e38 and one of 1.5e38: a sum of p * z overflows float32 (the
+    # entropy came out -inf); sums centred on the max give log 2.
+    hidden = torch.tensor([[3e38], [3e38]], requires_grad=True)
+    weight = torch.tensor([[1.0], [1.0], [0.5]])
+    lp, ent = ok.token_logprobs(hidden, weight, torch.tensor([0, 2]), return_entropy=True)
+    assert torch.allclose(lp, torch.tensor([-math.log(2), -1.5e38]), rtol=1e-6)
+    assert torch.allclose(ent, torch.full((2,), math.log(2)), rtol=1e-6)
+    ent.sum().backward()
+    assert torch.isfinite(hidden.grad).all()
+
+
+# --------------------------------------------------------------------------- empty sizes
+
+
+def test_lm_head_ops_with_zero_hidden_size():
+    weight = torch.zeros(5, 0, requires_grad=True)
+    hidden = torch.zeros(2, 3, 0, requires_grad=True)
+    targets = torch.zeros(2, 3, dtype=torch.long)
+    lp, ent = ok.token_logprobs(hidden, weight, targets, return_entropy=True)
+    assert torch.allclose(lp, torch.full((2, 3), -math.log(5)))
+    assert torch.allclose(ent, torch.full((2, 3), math.log(5)))
+    lp.sum().backward()
+    assert hidden.grad.shape == hidden.shape and weight.grad.shape == weight.shape
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    out = ok.grpo_loss(hidden, weight, targets, torch.ones(2), mask)
+    assert torch.isfinite(out.loss) and out.logprobs.shape == (2, 3)
