@@ -129,6 +129,19 @@ def test_zero_noise_allowed_in_joint_mode_only():
         ok.gradient_importance(model, ids, attn, score, answer, mode="last", noise_std=0.0)
 
 
+def test_without_noise_rows_falling_back_to_last_score_exactly_zero():
+    # The `last` KL's gradient is exactly 0 at no noise: rounding error must not become
+    # scores, which the reshape would stretch into arbitrary weights.
+    model = tiny_model("llama")
+    ids, attn, score, answer, *_ = ragged_batch(seed=4, left_pad=True)
+    assert not answer[1].any()  # row 1 falls back to `last`
+    scores = ok.gradient_importance(model, ids, attn, score, answer, noise_std=0.0)
+    assert torch.all(scores[1] == 0)
+    assert scores[0][score[0]].abs().sum() > 0
+    weights = ok.oar_advantages(model, ids, attn, score, answer, torch.ones(4)).weights
+    assert torch.all(weights[1] == 1)
+
+
 def _bad_calls():
     model = tiny_model("llama")
     ids, attn, score, answer, *_ = ragged_batch(seed=0, left_pad=False)
@@ -145,6 +158,8 @@ def _bad_calls():
         ("score-shape", lambda: call(score_mask=score[:, :3]), ValueError, "score_mask"),
         ("attn-float", lambda: call(attention_mask=attn.float()), TypeError, "attention_mask"),
         ("noise-neg", lambda: call(noise_std=-1.0), ValueError, "noise_std"),
+        ("ids-int16", lambda: call(input_ids=ids.short()), TypeError, "input_ids"),
+        ("ids-bool", lambda: call(input_ids=ids > 3), TypeError, "input_ids"),
     ]
 
 

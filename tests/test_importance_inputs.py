@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import oar_kernels as ok
-from oar_kernels.testing import TINY_VOCAB, ragged_rollouts, tiny_causal_lm
+from oar_kernels.testing import TINY_VOCAB, device_params, ragged_rollouts, tiny_causal_lm
 
 MODES = ["answer_joint", "answer_mean", "last"]
 MASK_ID = 0
@@ -195,7 +195,11 @@ def _bad_calls():
     for name, entries, overrides, error, message in _call_table():
         for entry in entries:
             call = dict(
-                model=model, input_ids=ids, attention_mask=attn, score_mask=score, answer_mask=answer
+                model=model,
+                input_ids=ids,
+                attention_mask=attn,
+                score_mask=score,
+                answer_mask=answer,
             )
             call.update(overrides)
             yield pytest.param(entry, call, error, message, id=f"{entry}-{name}")
@@ -222,3 +226,26 @@ def test_numpy_integers_are_accepted_as_ints(model):
         max_batch_tokens=np.int64(64),
     )
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_checks_and_empty_batches_on_the_models_device(device):
+    model = tiny_causal_lm("llama").to(device)
+    ids, attn, score, answer = (t.to(device) for t in _batch(left_pad=True))
+    for entry in ENTRY_POINTS.values():
+        assert torch.isfinite(entry(model, ids, attn, score, answer)).all()
+        with pytest.raises(ValueError, match="answer_mask.*attention_mask"):
+            entry(model, ids, attn, score, _padding_of_row_1(attn))
+        empty = ids[:0]
+        got = entry(model, empty, empty > 0, empty > 0, empty > 0)
+        assert got.shape == (0, 12) and got.device == ids.device
+    with pytest.raises(ValueError, match="device"):
+        ok.gradient_importance(model, *(t.to("meta") for t in (ids, attn, score, answer)))
+    # The noise may be drawn on another device (a CPU generator for a CUDA batch).
+    seeded = [
+        ok.gradient_importance(
+            model, ids, attn, score, answer, generator=torch.Generator().manual_seed(5)
+        )
+        for _ in range(2)
+    ]
+    assert torch.equal(*seeded)

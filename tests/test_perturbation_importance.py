@@ -101,6 +101,9 @@ def _bad_calls():
     return [
         ("mask-id-range", lambda: call(mask_token_id=10_000), ValueError, "mask_token_id"),
         ("mask-id-type", lambda: call(mask_token_id=1.0), TypeError, "mask_token_id"),
+        ("mask-id-negative", lambda: call(mask_token_id=-1), ValueError, "mask_token_id"),
+        ("mask-id-bool", lambda: call(mask_token_id=False), TypeError, "mask_token_id"),
+        ("stats-type", lambda: call(return_stats=1), TypeError, "return_stats"),
         ("budget", lambda: call(max_batch_tokens=0), ValueError, "max_batch_tokens"),
         ("mode", lambda: call(mode="kl"), ValueError, "mode"),
         ("score-shape", lambda: call(score_mask=score[:, :3]), ValueError, "score_mask"),

@@ -173,6 +173,11 @@ def _outcome_log_distribution(model, hidden, answer_mask, mode, last_pos, uses_l
     return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
 
 
+def _kl_rows(mode, uses_last):
+    """Rows whose objective is a KL: all in the KL modes, the `last` fallback in joint mode."""
+    return uses_last if mode == "answer_joint" else torch.ones_like(uses_last)
+
+
 def _objective(
     model,
     input_ids,
@@ -190,8 +195,7 @@ def _objective(
             model, noisy_hidden, answer_mask, mode, last_pos, uses_last
         )
         kl = (clean_log_p.exp() * (clean_log_p - noisy_log_p)).sum(-1)
-        kl_rows = uses_last if mode == "answer_joint" else torch.ones_like(uses_last)
-        total = total + torch.where(kl_rows, kl, 0.0).sum()
+        total = total + torch.where(_kl_rows(mode, uses_last), kl, 0.0).sum()
     if mode == "answer_joint":  # phi(x) - phi_{e+eps}(x); phi(x) is constant in e
         phi = _answer_logprob_mean(model, noisy_hidden, input_ids, answer_mask)
         total = total - torch.where(uses_last, 0.0, phi).sum()
@@ -244,6 +248,10 @@ def _gradient_importance_batch(
     )
     (grad,) = torch.autograd.grad(objective, leaf)
     scores = torch.ops.oar.saliency(grad, embeds, score_mask)
+    if noiseless:
+        # A KL's gradient is exactly 0 without noise: its rows score 0, not the rounding error
+        # of a zero gradient (which the reshape would stretch into arbitrary weights).
+        scores = torch.where(_kl_rows(mode, uses_last)[:, None], 0.0, scores)
     old_logprobs = None
     if want_old_logprobs:
         source = hidden if clean_hidden is None else clean_hidden
@@ -305,7 +313,12 @@ def _require_spans_inside_rows(model, input_ids, attention_mask, score_mask, ans
 def check_batch(model, input_ids, attention_mask, score_mask, answer_mask, mode):
     """Validates what both importance ops take; returns bool (attention, score, answer) masks.
 
-    answer_mask None means no row has an answer span (every row uses `last`).
+    The rules (ValueError naming the argument at fault; TypeError for a wrong type): input_ids
+    int64/int32 [B, T] inside the model's vocabulary; masks bool or integer [B, T]; everything
+    on the model's device; each row's real tokens one contiguous run; score_mask and
+    answer_mask inside attention_mask and disjoint (the answer follows the score span);
+    answer_mask off each row's first real token (no logits predict it). answer_mask None
+    means no row has an answer span (every row uses `last`).
     """
     require_causal_lm(model)
     require_token_ids("input_ids", input_ids)
@@ -415,10 +428,12 @@ def gradient_importance(
     """OAR-G token importance for a padded batch (SPEC section 5).
 
     model: a Hugging Face causal LM (get_input_embeddings, get_decoder, get_output_embeddings).
-    input_ids, attention_mask, score_mask, answer_mask: [B, T]; left or right padding.
+    input_ids, attention_mask, score_mask, answer_mask: [B, T]; left or right padding; the
+    batch rules of `check_batch` hold (ValueError otherwise). B = 0 or T = 0: empty scores.
     mode: "answer_joint" (phi = mean answer logprob), "answer_mean" or "last" (KL of the
     outcome distribution); rows without an answer span use "last".
-    noise_std: sigma of the Gaussian noise on scored embeddings (0 allowed in answer_joint).
+    noise_std: sigma of the Gaussian noise on scored embeddings (0 allowed in answer_joint,
+    where rows falling back to "last" then score 0: a KL's gradient is 0 without noise).
     generator: seeds the noise. max_batch_tokens: micro-batch rows so that rows x T stays under it.
     Returns [B, T] float32 scores, 0 outside score_mask. Parameter .grad is never touched.
     """

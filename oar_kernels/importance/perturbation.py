@@ -173,7 +173,8 @@ def perturbation_importance(
     """OAR-P token importance for a padded batch (SPEC section 4).
 
     model: a Hugging Face causal LM; input_ids, attention_mask, score_mask, answer_mask:
-    [B, T], left or right padded (each row's real tokens contiguous).
+    [B, T], left or right padded; the batch rules of `check_batch` hold (ValueError otherwise).
+    B = 0 or T = 0 gives empty scores.
     mode: "last" / "answer_mean" (KL(P(x) || P(x^(s)))) or "answer_joint" (phi(x) - phi(x^(s)),
     signed); rows without an answer span use "last". mask_token_id: the substitute token.
     max_batch_tokens: bounds a micro-batch's recomputed tokens plus cached entries, so peak
