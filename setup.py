@@ -20,13 +20,12 @@ def _extension_modules():
         return [], {}
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         return [], {}
-    openmp = ["-fopenmp"] if os.name != "nt" else ["/openmp"]
     ext = CppExtension(
         name="oar_kernels._C",
         sources=sorted(glob.glob("csrc/*.cpp")),
         # -fno-trapping-math lets GCC vectorise the select-heavy loops (results unchanged).
-        extra_compile_args={"cxx": ["-O3", "-fno-trapping-math", *openmp]},
-        extra_link_args=openmp,
+        # No OpenMP: rows go to torch's inter-op pool (csrc/reshape.cpp, RowQueue).
+        extra_compile_args={"cxx": ["-O3", "-fno-trapping-math"]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
 

@@ -48,3 +48,24 @@ def test_reshape(benchmark, impl, device, batch, length):
     fn = synchronized(_call(impl, scores, mask), device)
     fn()  # warm-up: Triton compiles on first launch
     benchmark(fn)
+
+
+@pytest.fixture
+def busy_core():
+    """Another process spinning on one core for the benchmark's duration, as a data loader or
+    a second job would: the CPU path must not wait for a helper thread that cannot run."""
+    import subprocess
+    import sys
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    yield
+    spinner.kill()
+    spinner.wait()
+
+
+@pytest.mark.parametrize("impl", ["numpy-loop", pytest.param("cpp", marks=needs_extension)])
+def test_reshape_with_a_busy_core(benchmark, busy_core, impl):
+    scores, mask = random_ragged_scores(256, 2048, density=0.9, kind="lognormal", seed=0)
+    benchmark.group = "reshape B=256 T=2048, one core busy"
+    benchmark.extra_info.update(impl=f"{impl}-cpu", baseline=impl == "numpy-loop")
+    benchmark(_call(impl, scores, mask))

@@ -7,6 +7,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -24,6 +27,8 @@ namespace {
 constexpr double kEps = 1e-8;
 // oar_kernels.reshape.MAX_BETA: beyond it a row's float32 weight mass could overflow.
 constexpr double kMaxBeta = 1e6;
+// Scores a thread must have to be worth starting (~50 us of work).
+constexpr int64_t kMinElementsPerThread = 32768;
 
 struct ReshapeParams {
   double tau;
@@ -330,6 +335,48 @@ bool bilevel_row(const float* scores, const bool* mask, float* out, int64_t T,
   return true;
 }
 
+// Rows handed out one at a time to whichever thread asks next. A thread that has not
+// started when the rows run out is not waited for: with another process holding a core, a
+// helper may start a whole scheduler slice late (~10 ms), and an OpenMP region, which joins
+// every thread, ran 10-20x slower then. Helpers hold the queue by shared_ptr, so a late one
+// only finds it empty; the caller waits for the rows that were claimed, not for threads.
+struct RowQueue {
+  RowQueue(const float* scores, const bool* mask, float* out, int64_t rows, int64_t cols,
+           ReshapeParams params)
+      : scores(scores), mask(mask), out(out), B(rows), T(cols), params(params) {}
+
+  void work() {
+    int64_t b = next.fetch_add(1);
+    if (b >= B) return;
+    std::vector<float> x(T + 8), u(T + 8);
+    std::vector<int32_t> cols(T + 8);
+    for (; b < B; b = next.fetch_add(1)) {
+      if (!bilevel_row(scores + b * T, mask + b * T, out + b * T, T, params, x, u, cols)) {
+        all_finite.store(false, std::memory_order_relaxed);
+      }
+      if (done.fetch_add(1) + 1 == B) {
+        std::lock_guard<std::mutex> lock(mutex);
+        finished.notify_all();
+      }
+    }
+  }
+
+  void wait_until_done() {
+    std::unique_lock<std::mutex> lock(mutex);
+    finished.wait(lock, [this] { return done.load() == B; });
+  }
+
+  const float* scores;
+  const bool* mask;
+  float* out;
+  const int64_t B, T;
+  const ReshapeParams params;
+  std::atomic<int64_t> next{0}, done{0};
+  std::atomic<bool> all_finite{true};
+  std::mutex mutex;
+  std::condition_variable finished;
+};
+
 // The same checks as oar_kernels/reshape.py's _check_params: the op's callers may bypass
 // the Python wrappers.
 void check_params(double tau, double beta, double floor) {
@@ -381,17 +428,17 @@ void bilevel_weights_into_cpu(const at::Tensor& scores, const at::Tensor& score_
   const float* s = scores_f.const_data_ptr<float>();
   const bool* m = mask_b.const_data_ptr<bool>();
   float* o = dst.mutable_data_ptr<float>();
-  std::atomic<bool> all_finite{true};
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> x(T + 8), u(T + 8);
-    std::vector<int32_t> cols(T + 8);
-    for (int64_t b = begin; b < end; ++b) {
-      if (!bilevel_row(s + b * T, m + b * T, o + b * T, T, params, x, u, cols)) {
-        all_finite.store(false, std::memory_order_relaxed);
-      }
-    }
-  });
-  TORCH_CHECK_VALUE(all_finite.load(), "scores must be finite where score_mask is set");
+  auto queue = std::make_shared<RowQueue>(s, m, o, B, T, params);
+  // Helpers come from torch's inter-op pool; the calling thread works too. Batches too small
+  // to pay for a helper (~50 us of work each) run on the calling thread alone.
+  const int64_t rows_per_thread =
+      std::max<int64_t>(1, kMinElementsPerThread / std::max<int64_t>(T, 1));
+  const int64_t helpers =
+      std::min<int64_t>(at::get_num_threads(), at::divup(B, rows_per_thread)) - 1;
+  for (int64_t i = 0; i < helpers; ++i) at::launch([queue] { queue->work(); });
+  queue->work();
+  queue->wait_until_done();
+  TORCH_CHECK_VALUE(queue->all_finite.load(), "scores must be finite where score_mask is set");
   if (!out_contiguous) out.copy_(dst);
 }
 

@@ -328,3 +328,22 @@ def test_lm_head_ops_with_zero_hidden_size():
     mask = torch.ones(2, 3, dtype=torch.bool)
     out = ok.grpo_loss(hidden, weight, targets, torch.ones(2), mask)
     assert torch.isfinite(out.loss) and out.logprobs.shape == (2, 3)
+
+
+def test_cpp_reshape_gives_the_same_weights_on_any_number_of_threads():
+    if not _extension.LOADED:
+        pytest.skip(f"C++ extension not loaded: {_extension.STATUS}")
+    # 64 rows of 4096: enough work for the helper threads to take rows.
+    gen = torch.Generator().manual_seed(7)
+    scores = torch.rand(64, 4096, generator=gen) ** 4
+    mask = torch.rand(64, 4096, generator=gen) < 0.9
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = ok.bilevel_weights(scores, mask)
+        torch.set_num_threads(max(2, threads))
+        shared = [ok.bilevel_weights(scores, mask) for _ in range(5)]
+    finally:
+        torch.set_num_threads(threads)
+    for weights in shared:
+        assert torch.equal(weights, alone)
