@@ -127,6 +127,8 @@ def test_zero_noise_allowed_in_joint_mode_only():
     assert scores[0][score[0]].abs().sum() > 0
     with pytest.raises(ValueError, match="noise_std"):
         ok.gradient_importance(model, ids, attn, score, answer, mode="last", noise_std=0.0)
+    with pytest.raises(ValueError, match="noise_std.*underflows"):
+        ok.gradient_importance(model, ids, attn, score, answer, mode="last", noise_std=1e-60)
 
 
 def test_without_noise_rows_falling_back_to_last_score_exactly_zero():

@@ -173,11 +173,6 @@ def _outcome_log_distribution(model, hidden, answer_mask, mode, last_pos, uses_l
     return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
 
 
-def _kl_rows(mode, uses_last):
-    """Rows whose objective is a KL: all in the KL modes, the `last` fallback in joint mode."""
-    return uses_last if mode == "answer_joint" else torch.ones_like(uses_last)
-
-
 def _objective(
     model,
     input_ids,
@@ -195,7 +190,8 @@ def _objective(
             model, noisy_hidden, answer_mask, mode, last_pos, uses_last
         )
         kl = (clean_log_p.exp() * (clean_log_p - noisy_log_p)).sum(-1)
-        total = total + torch.where(_kl_rows(mode, uses_last), kl, 0.0).sum()
+        kl_rows = uses_last if mode == "answer_joint" else torch.ones_like(uses_last)
+        total = total + torch.where(kl_rows, kl, 0.0).sum()
     if mode == "answer_joint":  # phi(x) - phi_{e+eps}(x); phi(x) is constant in e
         phi = _answer_logprob_mean(model, noisy_hidden, input_ids, answer_mask)
         total = total - torch.where(uses_last, 0.0, phi).sum()
@@ -229,8 +225,11 @@ def _gradient_importance_batch(
     """Scores [B, T] and, if asked, the clean per-token logprobs [B, T] of the same pass."""
     embeds = model.get_input_embeddings()(input_ids).detach()
     last_pos, uses_last = outcome_positions(attention_mask, answer_mask, mode)
-    needs_kl = mode != "answer_joint" or bool(uses_last.any())
     noiseless = not bool(noise.any())
+    # A KL's gradient is exactly 0 without noise, so a noiseless joint pass leaves the rows
+    # that fall back to `last` out: they score exactly 0, not rounding error that the reshape
+    # would stretch into weights. (The KL modes refuse a noiseless pass.)
+    needs_kl = mode != "answer_joint" or (bool(uses_last.any()) and not noiseless)
     clean_hidden = clean_log_p = None
     # The clean forward exists for the KL's P(x); without noise the grad forward is clean too.
     if needs_kl or (want_old_logprobs and not noiseless):
@@ -248,10 +247,6 @@ def _gradient_importance_batch(
     )
     (grad,) = torch.autograd.grad(objective, leaf)
     scores = torch.ops.oar.saliency(grad, embeds, score_mask)
-    if noiseless:
-        # A KL's gradient is exactly 0 without noise: its rows score 0, not the rounding error
-        # of a zero gradient (which the reshape would stretch into arbitrary weights).
-        scores = torch.where(_kl_rows(mode, uses_last)[:, None], 0.0, scores)
     old_logprobs = None
     if want_old_logprobs:
         source = hidden if clean_hidden is None else clean_hidden
@@ -390,6 +385,12 @@ def run_gradient_importance(
         gen_device = generator.device if generator is not None else input_ids.device
         noise = torch.randn((*shape, weight.shape[1]), generator=generator, device=gen_device)
         noise = noise.to(input_ids.device) * noise_std
+    noise = noise.to(weight.dtype)
+    if mode != "answer_joint" and not bool(noise.any()):
+        raise ValueError(
+            f"noise_std={noise_std} underflows to no noise in {weight.dtype}: the KL's gradient "
+            "is 0 without noise"
+        )
     with _frozen_parameters(model), torch.enable_grad():
         for rows in _row_groups(shape[0], shape[1], max_batch_tokens):
             scores[rows], old_rows = _gradient_importance_batch(
@@ -399,7 +400,7 @@ def run_gradient_importance(
                 score_mask[rows],
                 answer_mask[rows],
                 mode,
-                noise[rows].to(weight.dtype),
+                noise[rows],
                 want_old_logprobs,
             )
             if old is not None:
