@@ -45,11 +45,13 @@ def oar_advantages(
     In answer_joint mode one forward with grad on the input embeddings yields both phi and
     the per-token old logprobs the GRPO step needs anyway, and one input-only backward yields
     the saliency. noise_std defaults to 0 there (so the old logprobs are exact; SPEC section 5
-    allows it) and to 1e-3 in the KL modes, whose clean forward gives the old logprobs.
+    allows it; rows without an answer span then score 0 and keep weight 1) and to 1e-3 in the
+    KL modes, whose clean forward gives the old logprobs.
     method="perturbation" (OAR-P) needs mask_token_id; its old logprobs come from one extra
     clean forward of the batch.
     advantages: [B] (GRPO's per-sequence advantages) or [B, T]. Other arguments as in
-    `gradient_importance`, `perturbation_importance` and `reshape_advantages`.
+    `gradient_importance`, `perturbation_importance` and `reshape_advantages`. B = 0 or T = 0
+    gives empty [B, T] fields.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")

@@ -158,6 +158,11 @@ def test_oar_advantages_on_an_empty_batch_gives_empty_fields(model, method, shap
 # -------------------------------------------------------------------- argument checks
 
 
+def _base_model():
+    """The decoder without an lm head (what AutoModel gives instead of AutoModelForCausalLM)."""
+    return tiny_causal_lm("llama").model
+
+
 def _call_table():
     """(id, entry points, overrides of the call, error type, message regex)."""
     ids, attn, score, answer = _batch()
@@ -166,6 +171,7 @@ def _call_table():
     return [
         ("model-none", both, {"model": None}, TypeError, "model"),
         ("model-linear", both, {"model": torch.nn.Linear(2, 2)}, TypeError, "model"),
+        ("model-no-lm-head", both, {"model": _base_model()}, TypeError, "model.*lm head"),
         ("ids-float", both, {"input_ids": ids.float()}, TypeError, "input_ids"),
         ("ids-list", both, {"input_ids": ids.tolist()}, TypeError, "input_ids"),
         ("ids-3d", both, {"input_ids": ids[None]}, ValueError, "input_ids"),

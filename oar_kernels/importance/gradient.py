@@ -272,6 +272,13 @@ def require_causal_lm(model) -> None:
             f"model must be a Hugging Face causal LM (a torch.nn.Module with "
             f"{', '.join(CAUSAL_LM_METHODS)}), got {type(model).__name__}"
         )
+    # A base model (no lm head) answers get_output_embeddings() with None.
+    for accessor in ("get_input_embeddings", "get_output_embeddings"):
+        if not isinstance(getattr(getattr(model, accessor)(), "weight", None), torch.Tensor):
+            raise TypeError(
+                f"model must be a causal LM with an lm head (model.{accessor}() has no weight), "
+                f"got {type(model).__name__}"
+            )
 
 
 def vocab_size(model) -> int:
