@@ -410,6 +410,7 @@ void bilevel_weights_into_cpu(const at::Tensor& scores, const at::Tensor& score_
   TORCH_CHECK_VALUE(out.sizes() == scores.sizes() && out.scalar_type() == at::kFloat,
                     "out must be a float32 tensor of shape ", scores.sizes());
   check_params(tau, beta, floor);
+  if (scores.numel() == 0) return;
   const auto mask_b = score_mask.to(at::kBool).contiguous();
   const bool log_scale = scores.scalar_type() != at::kDouble;
   if (!log_scale) {
