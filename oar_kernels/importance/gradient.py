@@ -46,7 +46,8 @@ def _saliency_torch(grad, embeds, score_mask):
     # float64 inputs (tests' float64 models) keep float64 sums; the result is float32.
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
     dot = torch.linalg.vecdot(grad.to(acc), embeds.to(acc)).abs()
-    return torch.where(score_mask, dot, 0.0).float()
+    # Contiguous whatever the inputs' strides, as the fake kernel in _ops.py says.
+    return torch.where(score_mask != 0, dot, 0.0).float().contiguous()
 
 
 if triton is not None:
@@ -75,7 +76,7 @@ def _saliency_triton(grad, embeds, score_mask):
         _saliency_kernel[(tokens,)](
             grad,
             embeds,
-            score_mask.contiguous().view(torch.uint8),
+            (score_mask != 0).contiguous().view(torch.uint8),  # any integer mask, as bytes
             out,
             width,
             BLOCK_H=min(1024, triton.next_power_of_2(width)),
