@@ -35,7 +35,6 @@ struct ReshapeParams {
   double beta;
   double floor;
   bool preserve_mass;
-  bool log_scale;  // false: the scores are already unit scores u in [0, 1]
 };
 
 // The hot loops below are written branch-free so the compiler vectorises them; on x86-64
@@ -83,18 +82,13 @@ inline float log1p_nonneg(float x) {
   return d == 0.0f ? x : scaled;
 }
 
-// u = (c - c_min) / spread with c = log1p(x), or c = x when `log_scale` is false (the input is
-// already u, normalised in double by unit_scores_double). A division, not a multiplication by
-// 1 / spread: that reciprocal overflows for a subnormal spread. The clamp keeps u in [0, 1],
-// which the bit-pattern selection relies on, whatever the last-place rounding.
+// u = (c - c_min) / spread with c = log1p(x). A division, not a multiplication by 1 / spread:
+// that reciprocal overflows for a subnormal spread. The clamp keeps u in [0, 1], which the
+// bit-pattern selection relies on, whatever the last-place rounding.
 OAR_SIMD_CLONES
-void unit_scores(const float* x, float* u, int64_t n, float c_min, float spread, bool log_scale) {
-  if (log_scale) {
-    for (int64_t i = 0; i < n; ++i) {
-      u[i] = std::min(std::max((log1p_nonneg(x[i]) - c_min) / spread, 0.0f), 1.0f);
-    }
-  } else {
-    for (int64_t i = 0; i < n; ++i) u[i] = std::min(std::max((x[i] - c_min) / spread, 0.0f), 1.0f);
+void unit_scores(const float* x, float* u, int64_t n, float c_min, float spread) {
+  for (int64_t i = 0; i < n; ++i) {
+    u[i] = std::min(std::max((log1p_nonneg(x[i]) - c_min) / spread, 0.0f), 1.0f);
   }
 }
 
@@ -310,9 +304,9 @@ bool bilevel_row(const float* scores, const bool* mask, float* out, int64_t T,
   const float x_min = bits_to_float(bits_min);
   const float x_max = bits_to_float(bits_max);
   // log1p is monotone, so the extremes of c = log1p(x) come from those of x.
-  const float c_min = p.log_scale ? log1p_nonneg(x_min) : x_min;
-  const float range = (p.log_scale ? log1p_nonneg(x_max) : x_max) - c_min;
-  unit_scores(x.data(), u.data(), n, c_min, range > 0.0f ? range : 1.0f, p.log_scale);
+  const float c_min = log1p_nonneg(x_min);
+  const float range = log1p_nonneg(x_max) - c_min;
+  unit_scores(x.data(), u.data(), n, c_min, range > 0.0f ? range : 1.0f);
 
   // numpy's default ("linear") quantile between order statistics lo and lo + 1. u lies in
   // [0, 1], where floats order like their int32 bits: bisect on bits, counting each time.
@@ -335,23 +329,85 @@ bool bilevel_row(const float* scores, const bool* mask, float* out, int64_t T,
   return true;
 }
 
+// float64 scores: SPEC section 6 in double, as the reference computes it. float32 holds
+// neither every float64 score (1e300) nor every difference of two (1e-18 vs 1e-75 in a row,
+// where the SPEC's u < theta tells them apart), so the float32 selection above cannot serve.
+bool bilevel_row_double(const double* scores, const bool* mask, float* out, int64_t T,
+                        const ReshapeParams& p, std::vector<double>& u, std::vector<double>& work,
+                        std::vector<int64_t>& cols) {
+  int64_t n = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    if (!mask[t]) continue;
+    if (!std::isfinite(scores[t])) return false;
+    u[n] = std::log1p(std::max(scores[t], 0.0));
+    cols[n++] = t;
+  }
+  std::fill(out, out + T, 1.0f);
+  if (n == 0) return true;
+  const auto extremes = std::minmax_element(u.begin(), u.begin() + n);
+  const double c_min = *extremes.first;
+  const double spread = *extremes.second - c_min;
+  for (int64_t k = 0; k < n; ++k) u[k] = (u[k] - c_min) / (spread > 0.0 ? spread : 1.0);
+  // numpy's linear quantile between order statistics lo and lo + 1.
+  const double h = static_cast<double>(n - 1) * p.tau;
+  const int64_t lo = std::min<int64_t>(static_cast<int64_t>(h), n - 1);
+  std::copy(u.begin(), u.begin() + n, work.begin());
+  std::nth_element(work.begin(), work.begin() + lo, work.begin() + n);
+  const double v_lo = work[lo];
+  const double v_hi = lo + 1 < n ? *std::min_element(work.begin() + lo + 1, work.begin() + n) : v_lo;
+  const double theta = v_lo + (h - static_cast<double>(lo)) * (v_hi - v_lo);
+  double mass = 0.0;
+  for (int64_t k = 0; k < n; ++k) {
+    u[k] = u[k] < theta ? std::max(u[k] / (theta + kEps), p.floor)
+                        : 1.0 + p.beta * (u[k] - theta) / (1.0 - theta + kEps);
+    mass += u[k];
+  }
+  const double scale = p.preserve_mass ? static_cast<double>(n) / (mass + kEps) : 1.0;
+  for (int64_t k = 0; k < n; ++k) out[cols[k]] = static_cast<float>(u[k] * scale);
+  return true;
+}
+
+// One thread's scratch and row function, for scores of type Scalar.
+template <typename Scalar>
+struct RowWorker;
+
+template <>
+struct RowWorker<float> {
+  explicit RowWorker(int64_t T) : x(T + 8), u(T + 8), cols(T + 8) {}
+  bool operator()(const float* s, const bool* m, float* o, int64_t T, const ReshapeParams& p) {
+    return bilevel_row(s, m, o, T, p, x, u, cols);
+  }
+  std::vector<float> x, u;
+  std::vector<int32_t> cols;
+};
+
+template <>
+struct RowWorker<double> {
+  explicit RowWorker(int64_t T) : u(T), work(T), cols(T) {}
+  bool operator()(const double* s, const bool* m, float* o, int64_t T, const ReshapeParams& p) {
+    return bilevel_row_double(s, m, o, T, p, u, work, cols);
+  }
+  std::vector<double> u, work;
+  std::vector<int64_t> cols;
+};
+
 // Rows handed out one at a time to whichever thread asks next. A thread that has not
 // started when the rows run out is not waited for: with another process holding a core, a
 // helper may start a whole scheduler slice late (~10 ms), and an OpenMP region, which joins
 // every thread, ran 10-20x slower then. Helpers hold the queue by shared_ptr, so a late one
 // only finds it empty; the caller waits for the rows that were claimed, not for threads.
+template <typename Scalar>
 struct RowQueue {
-  RowQueue(const float* scores, const bool* mask, float* out, int64_t rows, int64_t cols,
+  RowQueue(const Scalar* scores, const bool* mask, float* out, int64_t rows, int64_t cols,
            ReshapeParams params)
       : scores(scores), mask(mask), out(out), B(rows), T(cols), params(params) {}
 
   void work() {
     int64_t b = next.fetch_add(1);
     if (b >= B) return;
-    std::vector<float> x(T + 8), u(T + 8);
-    std::vector<int32_t> cols(T + 8);
+    RowWorker<Scalar> row(T);
     for (; b < B; b = next.fetch_add(1)) {
-      if (!bilevel_row(scores + b * T, mask + b * T, out + b * T, T, params, x, u, cols)) {
+      if (!row(scores + b * T, mask + b * T, out + b * T, T, params)) {
         all_finite.store(false, std::memory_order_relaxed);
       }
       if (done.fetch_add(1) + 1 == B) {
@@ -366,7 +422,7 @@ struct RowQueue {
     finished.wait(lock, [this] { return done.load() == B; });
   }
 
-  const float* scores;
+  const Scalar* scores;
   const bool* mask;
   float* out;
   const int64_t B, T;
@@ -377,6 +433,23 @@ struct RowQueue {
   std::condition_variable finished;
 };
 
+// Runs every row through the queue on the calling thread and torch's inter-op threads.
+// Returns false when a scored element is not finite.
+template <typename Scalar>
+bool bilevel_rows(const Scalar* scores, const bool* mask, float* out, int64_t B, int64_t T,
+                  const ReshapeParams& params) {
+  auto queue = std::make_shared<RowQueue<Scalar>>(scores, mask, out, B, T, params);
+  // Batches too small to pay for a helper (~50 us of work each) run on the calling thread.
+  const int64_t rows_per_thread =
+      std::max<int64_t>(1, kMinElementsPerThread / std::max<int64_t>(T, 1));
+  const int64_t helpers =
+      std::min<int64_t>(at::get_num_threads(), at::divup(B, rows_per_thread)) - 1;
+  for (int64_t i = 0; i < helpers; ++i) at::launch([queue] { queue->work(); });
+  queue->work();
+  queue->wait_until_done();
+  return queue->all_finite.load();
+}
+
 // The same checks as oar_kernels/reshape.py's _check_params: the op's callers may bypass
 // the Python wrappers.
 void check_params(double tau, double beta, double floor) {
@@ -384,17 +457,6 @@ void check_params(double tau, double beta, double floor) {
   TORCH_CHECK_VALUE(beta >= 0.0 && beta <= kMaxBeta, "beta must be [0.0, ", kMaxBeta, "], got ",
                     beta);
   TORCH_CHECK_VALUE(floor >= 0.0 && floor <= 1.0, "floor must be [0.0, 1.0], got ", floor);
-}
-
-// SPEC section 6 steps 1-2 in double for float64 scores, which float32 cannot hold (1e300,
-// 1e-320): the kernel then runs on u in [0, 1], which it can.
-at::Tensor unit_scores_double(const at::Tensor& scores, const at::Tensor& mask) {
-  const double inf = std::numeric_limits<double>::infinity();
-  const at::Tensor c = at::log1p(scores.clamp_min(0.0));
-  const at::Tensor c_min = at::where(mask, c, inf).amin(1, true);
-  const at::Tensor spread = at::where(mask, c, -inf).amax(1, true) - c_min;
-  const at::Tensor u = (c - c_min) / at::where(spread > 0.0, spread, at::ones_like(spread));
-  return at::where(mask, u, 0.0).to(at::kFloat);
 }
 
 void bilevel_weights_into_cpu(const at::Tensor& scores, const at::Tensor& score_mask, double tau,
@@ -412,34 +474,21 @@ void bilevel_weights_into_cpu(const at::Tensor& scores, const at::Tensor& score_
   check_params(tau, beta, floor);
   if (scores.numel() == 0) return;
   const auto mask_b = score_mask.to(at::kBool).contiguous();
-  const bool log_scale = scores.scalar_type() != at::kDouble;
-  if (!log_scale) {
-    TORCH_CHECK_VALUE((at::isfinite(scores) | mask_b.logical_not()).all().item<bool>(),
-                      "scores must be finite where score_mask is set");
-  }
-  const auto scores_f =
-      (log_scale ? scores.to(at::kFloat) : unit_scores_double(scores, mask_b)).contiguous();
+  const bool wide = scores.scalar_type() == at::kDouble;
+  const auto scores_c = (wide ? scores : scores.to(at::kFloat)).contiguous();
   const bool out_contiguous = out.is_contiguous();
   at::Tensor dst = out_contiguous ? out : at::empty_like(out, at::MemoryFormat::Contiguous);
 
-  const int64_t B = scores_f.size(0);
-  const int64_t T = scores_f.size(1);
+  const int64_t B = scores_c.size(0);
+  const int64_t T = scores_c.size(1);
   TORCH_CHECK_VALUE(T < std::numeric_limits<int32_t>::max(), "rows must be shorter than 2^31");
-  const ReshapeParams params{tau, beta, floor, preserve_mass, log_scale};
-  const float* s = scores_f.const_data_ptr<float>();
+  const ReshapeParams params{tau, beta, floor, preserve_mass};
   const bool* m = mask_b.const_data_ptr<bool>();
   float* o = dst.mutable_data_ptr<float>();
-  auto queue = std::make_shared<RowQueue>(s, m, o, B, T, params);
-  // Helpers come from torch's inter-op pool; the calling thread works too. Batches too small
-  // to pay for a helper (~50 us of work each) run on the calling thread alone.
-  const int64_t rows_per_thread =
-      std::max<int64_t>(1, kMinElementsPerThread / std::max<int64_t>(T, 1));
-  const int64_t helpers =
-      std::min<int64_t>(at::get_num_threads(), at::divup(B, rows_per_thread)) - 1;
-  for (int64_t i = 0; i < helpers; ++i) at::launch([queue] { queue->work(); });
-  queue->work();
-  queue->wait_until_done();
-  TORCH_CHECK_VALUE(queue->all_finite.load(), "scores must be finite where score_mask is set");
+  const bool all_finite =
+      wide ? bilevel_rows(scores_c.const_data_ptr<double>(), m, o, B, T, params)
+           : bilevel_rows(scores_c.const_data_ptr<float>(), m, o, B, T, params);
+  TORCH_CHECK_VALUE(all_finite, "scores must be finite where score_mask is set");
   if (!out_contiguous) out.copy_(dst);
 }
 

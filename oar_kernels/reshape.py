@@ -60,19 +60,17 @@ def _check_args(scores, score_mask, tau, beta, floor, preserve_mass):
 
 
 def unit_scores(scores, mask) -> torch.Tensor:
-    """SPEC section 6 steps 1-2, u = (c - min c) / spread with c = log1p(max(score, 0)), in the
-    scores' precision (float64 stays float64) and then as float32 in [0, 1].
+    """SPEC section 6 steps 1-2: u = (c - min c) / spread in [0, 1], c = log1p(max(score, 0)).
 
-    Computing c before narrowing keeps float64 scores beyond float32's range (1e300) and
-    below its subnormals (1e-320) exact; u itself always fits float32.
+    float64 scores stay float64 (float32 holds neither 1e300 nor a row's 1e-18 vs 1e-75,
+    which the SPEC's u < theta tells apart); every other dtype computes in float32.
     """
     acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
     c = torch.log1p(scores.to(acc).clamp_min(0))
     c_min = torch.where(mask, c, torch.inf).amin(dim=1, keepdim=True)
     c_max = torch.where(mask, c, -torch.inf).amax(dim=1, keepdim=True)
     spread = c_max - c_min
-    u = (c - c_min) / torch.where(spread > 0, spread, 1.0)
-    return torch.where(mask, u, 0.0).to(torch.float32)
+    return torch.where(mask, (c - c_min) / torch.where(spread > 0, spread, 1.0), 0.0)
 
 
 def _check_op_args(scores, score_mask, tau, beta, floor, preserve_mass, out):
@@ -141,7 +139,7 @@ def _bilevel_weights_torch(scores, score_mask, tau, beta, floor, preserve_mass, 
     lo = h.floor().long()
     v_lo = ordered.gather(1, lo)
     v_hi = ordered.gather(1, torch.minimum(lo + 1, last))
-    theta = v_lo + (h - lo).float() * (v_hi - v_lo)
+    theta = v_lo + (h - lo).to(u.dtype) * (v_hi - v_lo)
     w = torch.where(
         u < theta,
         (u / (theta + EPS)).clamp_min(floor),
@@ -149,7 +147,7 @@ def _bilevel_weights_torch(scores, score_mask, tau, beta, floor, preserve_mass, 
     )
     w = torch.where(mask, w, 0.0)
     if preserve_mass:
-        w = w * (n / (w.sum(dim=1, keepdim=True, dtype=torch.float64) + EPS)).float()
+        w = w * (n / (w.sum(dim=1, keepdim=True, dtype=torch.float64) + EPS)).to(u.dtype)
     out.copy_(torch.where(mask, w, 1.0))
 
 
@@ -167,20 +165,14 @@ if triton is not None:
         return tl.where(tiny, x, tl.log(y) * (x / tl.where(tiny, 1.0, d)))
 
     @triton.jit
-    def _load_log_scores(scores_row, mask_row, cols, T, stride_st, stride_mt, UNIT: tl.constexpr):
-        """c = log1p(max(x, 0)); with UNIT the scores are already u in [0, 1] (float64 input,
-        normalised in its own precision by `unit_scores`) and pass through."""
+    def _load_log_scores(scores_row, mask_row, cols, T, stride_st, stride_mt):
         m = tl.load(mask_row + cols * stride_mt, mask=cols < T, other=0) != 0
         x = tl.load(scores_row + cols * stride_st, mask=m, other=0.0).to(tl.float32)
-        if UNIT:
-            return x, m
         return _log1p(tl.maximum(x, 0.0)), m
 
     @triton.jit
-    def _load_unit_scores(
-        scores_row, mask_row, cols, T, stride_st, stride_mt, c_min, spread, UNIT: tl.constexpr
-    ):
-        c, m = _load_log_scores(scores_row, mask_row, cols, T, stride_st, stride_mt, UNIT)
+    def _load_unit_scores(scores_row, mask_row, cols, T, stride_st, stride_mt, c_min, spread):
+        c, m = _load_log_scores(scores_row, mask_row, cols, T, stride_st, stride_mt)
         # Clamped so every pass sees u in [0, 1] even where division is approximate.
         return tl.minimum(tl.maximum((c - c_min) / spread, 0.0), 1.0), m
 
@@ -207,7 +199,6 @@ if triton is not None:
         floor,
         EPS: tl.constexpr,
         PRESERVE_MASS: tl.constexpr,
-        UNIT: tl.constexpr,
         BLOCK: tl.constexpr,
         ROW_FITS: tl.constexpr,
     ):
@@ -223,9 +214,7 @@ if triton is not None:
         c_min = tl.full((), float("inf"), tl.float32)
         c_max = tl.full((), float("-inf"), tl.float32)
         for start in range(0, T, BLOCK):
-            c, m = _load_log_scores(
-                scores_row, mask_row, start + cols, T, stride_st, stride_mt, UNIT
-            )
+            c, m = _load_log_scores(scores_row, mask_row, start + cols, T, stride_st, stride_mt)
             n += tl.sum(m.to(tl.int32), axis=0)
             c_min = tl.minimum(c_min, tl.min(tl.where(m, c, float("inf")), axis=0))
             c_max = tl.maximum(c_max, tl.max(tl.where(m, c, float("-inf")), axis=0))
@@ -233,7 +222,7 @@ if triton is not None:
         spread = tl.where(spread > 0.0, spread, 1.0)
         if ROW_FITS:
             u_row, m_row = _load_unit_scores(
-                scores_row, mask_row, cols, T, stride_st, stride_mt, c_min, spread, UNIT
+                scores_row, mask_row, cols, T, stride_st, stride_mt, c_min, spread
             )
 
         h = tl.maximum(n - 1, 0).to(tl.float32) * tau
@@ -259,7 +248,6 @@ if triton is not None:
                         stride_mt,
                         c_min,
                         spread,
-                        UNIT,
                     )
                     count += tl.sum((m & (u.to(tl.int32, bitcast=True) <= mid)).to(tl.int32))
             enough = count >= rank
@@ -276,7 +264,7 @@ if triton is not None:
             above = tl.full((), float("inf"), tl.float32)
             for start in range(0, T, BLOCK):
                 u, m = _load_unit_scores(
-                    scores_row, mask_row, start + cols, T, stride_st, stride_mt, c_min, spread, UNIT
+                    scores_row, mask_row, start + cols, T, stride_st, stride_mt, c_min, spread
                 )
                 n_at_most += tl.sum((m & (u <= v_lo)).to(tl.int32))
                 above = tl.minimum(above, tl.min(tl.where(m & (u > v_lo), u, float("inf"))))
@@ -299,7 +287,6 @@ if triton is not None:
                         stride_mt,
                         c_min,
                         spread,
-                        UNIT,
                     )
                     mass += tl.sum(tl.where(m, _bilevel(u, theta, beta, floor, EPS), 0.0))
             scale = n.to(tl.float32) / (mass + EPS)
@@ -309,7 +296,7 @@ if triton is not None:
         else:
             for start in range(0, T, BLOCK):
                 u, m = _load_unit_scores(
-                    scores_row, mask_row, start + cols, T, stride_st, stride_mt, c_min, spread, UNIT
+                    scores_row, mask_row, start + cols, T, stride_st, stride_mt, c_min, spread
                 )
                 w = tl.where(m, _bilevel(u, theta, beta, floor, EPS) * scale, 1.0)
                 tl.store(out_row + (start + cols) * stride_ot, w, mask=start + cols < T)
@@ -330,9 +317,15 @@ def _bilevel_weights_triton(
     if out.numel() == 0:
         return
     # float32 cannot hold every float64 score (nor its log1p's spread): normalise first.
-    unit = scores.dtype == torch.float64
-    if unit:
-        scores = unit_scores(scores, mask)
+    if scores.dtype == torch.float64:
+        # The kernel computes in float32, which cannot follow float64 scores over their whole
+        # range (see unit_scores): they take the torch path, in float64.
+        _bilevel_weights_torch(scores, mask, tau, beta, floor, preserve_mass, out=out)
+        return
+    if scores.dtype != torch.float32:
+        # Half-precision subnormals did not survive the kernel's own widening (bfloat16 in
+        # the interpreter); widening here is exact.
+        scores = scores.float()
     block = block_size or min(triton.next_power_of_2(T), MAX_BLOCK)
     mask = mask.view(torch.uint8)
     # The launch goes to the current CUDA device: make it the tensors' device.
@@ -353,7 +346,6 @@ def _bilevel_weights_triton(
             floor,
             EPS=EPS,
             PRESERVE_MASS=preserve_mass,
-            UNIT=unit,
             BLOCK=block,
             ROW_FITS=T <= block,
             num_warps=8 if block >= 2048 else 4,

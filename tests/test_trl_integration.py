@@ -87,6 +87,16 @@ def _package_advantages(model, tokenizer, out, per_sequence):
     return ok.reshape_advantages(per_sequence, scores, score)[:, prompt_len:]
 
 
+def _last_tokens_as_answer(tokenizer, input_ids, completion_mask, **_):
+    """Spans for a random model, which never writes an answer: each completion's last two
+    tokens are its answer and the rest its reasoning (with no answer span, the noiseless
+    answer_joint objective scores every token 0 and the reshape has nothing to do)."""
+    ends = completion_mask.cumsum(1)
+    lengths = ends[:, -1:]
+    answer = completion_mask & (ends > lengths - 2) & (lengths >= 4)
+    return completion_mask & ~answer, answer
+
+
 def _row_key(inputs, r):
     return (tuple(inputs["prompt_ids"][r].tolist()), tuple(inputs["completion_ids"][r].tolist()))
 
@@ -109,6 +119,7 @@ def test_trains_and_per_token_advantages_equal_the_package_ops(trainer_parts, mo
             return super()._compute_loss(model, inputs)
 
     monkeypatch.setattr(trl.GRPOTrainer, "_generate_and_score_completions", scored_by_package)
+    monkeypatch.setattr(ok.spans, "completion_spans", _last_tokens_as_answer)
     trainer = Recording(**trainer_parts, oar_method="gradient", oar_mode="answer_joint")
     result = trainer.train()
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
