@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from oar_kernels.grpo.model import ModelSpec
 from oar_kernels.grpo.rollout import BACKENDS
+from oar_kernels.reshape import MAX_BETA
 
 METHODS = ("grpo", "oar-g", "oar-p")
 SCALE_REWARDS = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 OAR_MODES = ("answer_joint", "answer_mean", "last")
 DEVICES = ("auto", "cpu", "cuda")
+HEADS = ModelSpec.num_heads
 # Field annotations are strings (postponed evaluation): the types they name.
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -23,7 +27,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """A reference GRPO run on the embedded arithmetic task (`oar-kernels train --help`)."""
+    """A reference GRPO run on the embedded arithmetic task (`oar-kernels train --help`).
+
+    Every field is checked on construction (type, range, finiteness), so a run that would
+    fail on a value fails before its warm start, with a ConfigError naming the field.
+    """
 
     method: str = "oar-g"  # grpo | oar-g (gradient saliency) | oar-p (counterfactual masking)
     seed: int = 0
@@ -65,62 +73,27 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        choices = {
-            "method": METHODS,
-            "scale_rewards": SCALE_REWARDS,
-            "loss_type": LOSS_TYPES,
-            "oar_mode": OAR_MODES,
-            "rollout_backend": BACKENDS,
-            "device": DEVICES,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in (
-            "steps",
-            "prompts_per_step",
-            "max_new_tokens",
-            "num_iterations",
-            "digits",
-            "hidden_size",
-            "num_layers",
-            "eval_size",
-            "eval_every",
-            "checkpoint_every",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_generations < 2:
-            raise ConfigError(f"num_generations must be >= 2 (a group), got {self.num_generations}")
-        for name in ("temperature", "lr"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("epsilon_low", "epsilon_high", "kl_beta", "max_grad_norm", "reshape_beta"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.reshape_tau <= 1 or not 0 <= self.reshape_floor <= 1:
-            raise ConfigError("reshape_tau and reshape_floor must lie in [0, 1]")
-        if self.heatmap_samples < 0 or self.warm_start_max_steps < 0:
-            raise ConfigError("heatmap_samples and warm_start_max_steps must be >= 0")
-        if not 0 <= self.warm_start_accuracy <= 1:
+        for field in fields(self):
+            value = _coerce(field.name, field.type, getattr(self, field.name))
+            setattr(self, field.name, value)
+            _check_value(field.name, value)
+        if self.hidden_size % (2 * HEADS):
             raise ConfigError(
-                f"warm_start_accuracy must lie in [0, 1], got {self.warm_start_accuracy}"
+                f"hidden_size must be a multiple of {2 * HEADS} ({HEADS} attention heads, each "
+                f"of an even width for the rotary embedding), got {self.hidden_size}"
             )
-        if self.hidden_size % 4:
-            raise ConfigError(
-                f"hidden_size must be a multiple of 4 (heads), got {self.hidden_size}"
-            )
+        if self.rollout_backend == "vllm" and self.device == "cpu":
+            raise ConfigError("rollout_backend='vllm' needs device 'cuda' or 'auto', not 'cpu'")
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
-        """Checked construction: unknown keys and wrongly typed values are a ValueError."""
+        """Checked construction: unknown keys and wrongly typed values are a ConfigError."""
         if not isinstance(values, dict):
             raise ConfigError(f"a config must be a mapping of keys to values, got {values!r}")
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(values) - set(known))
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
             raise ConfigError(f"unknown config key(s): {', '.join(map(str, unknown))}")
-        return cls(**{k: _coerce(k, known[k].type, v) for k, v in values.items()})
+        return cls(**values)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
@@ -140,13 +113,89 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class _Range:
+    """The values a numeric field may take: from `low` (excluded if `open_low`) to `high`."""
+
+    low: float
+    high: float = math.inf
+    open_low: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.open_low else value >= self.low
+        return above and value <= self.high
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>' if self.open_low else '>='} {self.low}"
+        return f"in {'(' if self.open_low else '['}{self.low}, {self.high}]"
+
+
+# Every numeric field's range; a float must also be finite. The bounds that are not plain
+# counts say why they are where they are.
+_RANGES = {
+    # Step k seeds its draws with seed * 1_000_003 + k, which torch's generator must hold.
+    "seed": _Range(0, 2**32 - 1),
+    "steps": _Range(1),
+    "prompts_per_step": _Range(1),
+    "num_generations": _Range(2),  # a group: advantages compare completions of one prompt
+    "max_new_tokens": _Range(1),
+    "num_iterations": _Range(1),
+    "digits": _Range(1),
+    "hidden_size": _Range(2 * HEADS),
+    "num_layers": _Range(1),
+    "warm_start_max_steps": _Range(0),
+    "eval_size": _Range(1),
+    "eval_samples": _Range(1),
+    "eval_every": _Range(1),
+    "checkpoint_every": _Range(1),
+    "heatmap_samples": _Range(0),
+    # Logits are divided by the temperature in float32: below 0.01 sampling is greedy in
+    # all but name (a logit gap of 0.1 becomes odds of e^10), so a group's completions
+    # agree and its advantages vanish, while the loss's logprobs scale float32 rounding by
+    # 1/temperature. grpo_loss itself refuses values below 1e-6.
+    "temperature": _Range(1e-2),
+    "lr": _Range(0, open_low=True),
+    # The ratio is clipped below at 1 - epsilon_low, which must not be negative (grpo_loss
+    # refuses it); 1 means no lower clip.
+    "epsilon_low": _Range(0, 1),
+    "epsilon_high": _Range(0),
+    "kl_beta": _Range(0),
+    "max_grad_norm": _Range(0, open_low=True),  # 0 would zero every gradient
+    "reshape_tau": _Range(0, 1),
+    "reshape_beta": _Range(0, MAX_BETA),  # reshape's own bound: larger overflows float32
+    "reshape_floor": _Range(0, 1),
+    "warm_start_accuracy": _Range(0, 1),
+}
+_CHOICES = {
+    "method": METHODS,
+    "scale_rewards": SCALE_REWARDS,
+    "loss_type": LOSS_TYPES,
+    "oar_mode": OAR_MODES,
+    "rollout_backend": BACKENDS,
+    "device": DEVICES,
+}
+
+
 def _coerce(name: str, annotation: str, value):
+    """`value` as the field's type: an int stands for a float, nothing else converts."""
     kind = _TYPES[annotation]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{name} must be {annotation}, got {value!r}")
     return value
+
+
+def _check_value(name: str, value) -> None:
+    if name in _CHOICES and value not in _CHOICES[name]:
+        raise ConfigError(f"{name} must be one of {_CHOICES[name]}, got {value!r}")
+    if name == "out_dir" and not value.strip():
+        raise ConfigError("out_dir must name a directory, got an empty string")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
+    if name in _RANGES and value not in _RANGES[name]:
+        raise ConfigError(f"{name} must be {_RANGES[name]}, got {value}")
 
 
 def field_types() -> dict[str, type]:

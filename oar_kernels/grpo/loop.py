@@ -10,14 +10,26 @@ One step (`_train_step`):
 
 Every random draw of step k is seeded from (seed, k), and checkpoints hold the model and
 optimizer, so a resumed run continues bit-identically on CPU.
+
+A step is finished when its record is in metrics.jsonl (`Trainer._finish_step`, the one
+place records are written); checkpoints, the one saved on Ctrl-C included, hold the state
+of a finished step, and resuming drops the records of later steps. So a run interrupted at
+any point and resumed writes the same metrics as one that never stopped. A run holds an
+exclusive lock on its out_dir (`train.lock`, naming its process), so two runs never share
+one.
 """
 
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
+import os
 import random
+import socket
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean
@@ -27,7 +39,7 @@ import torch
 import oar_kernels as ok
 from oar_kernels.grpo import model as policy
 from oar_kernels.grpo.config import ConfigError, TrainConfig
-from oar_kernels.grpo.rollout import Rollouts, make_rollouts
+from oar_kernels.grpo.rollout import Rollouts, make_rollouts, vllm_unavailable
 from oar_kernels.grpo.task import build_tokenizer, make_dataset, make_problem, reward
 from oar_kernels.importance.gradient import (
     clean_sequence_logprobs,
@@ -40,6 +52,11 @@ HELD_OUT_SEED = 1_000_003  # the held-out problems are the same for every run
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 SAMPLES = "samples.jsonl"
+LOCK = "train.lock"
+CHECKPOINT_KEYS = ("step", "model", "optimizer", "config")
+# Fields a resumed run may change: the step budget and the bookkeeping. Any other change
+# would make the continuation a different run.
+RESUMABLE_CHANGES = {"steps", "progress", "out_dir", "eval_every", "checkpoint_every"}
 
 
 @dataclass
@@ -81,19 +98,54 @@ def _device(config: TrainConfig) -> torch.device:
 
 
 class Trainer:
-    """Holds the policy, optimizer and rollout backend of one run; `run()` trains it."""
+    """Holds the policy, optimizer and rollout backend of one run; `run()` trains it.
+
+    Everything that can refuse the run (the config, the device, out_dir, the checkpoint to
+    resume) is checked before the warm start's minute. From construction until `run()`
+    returns or raises (or `close()`) the trainer holds out_dir's lock: a second trainer
+    there is a ConfigError naming the holder's process.
+    """
 
     def __init__(self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False):
         self.config, self.out = config, Path(config.out_dir)
         self.device = _device(config)
-        # Checked before the warm start's minute.
+        _check_rollout_backend(config)
         if resume and not (self.out / CHECKPOINT).exists():
             raise ConfigError(f"--resume: no checkpoint at {self.out / CHECKPOINT}")
-        if not (resume or overwrite) and (self.out / METRICS).exists():
+        self._lock = _lock_out_dir(self.out)
+        try:
+            saved = self._claim_out_dir(resume, overwrite)
+            self._build(saved)
+        except BaseException:
+            self.close()
+            raise
+
+    def _claim_out_dir(self, resume: bool, overwrite: bool) -> dict | None:
+        """Check out_dir against the mode, write config.yaml; the checkpoint when resuming."""
+        saved = None
+        if resume:
+            saved = _read_checkpoint(self.out / CHECKPOINT, self.device, self.config)
+        elif not overwrite and (self.out / METRICS).exists():
             raise ConfigError(
                 f"{self.out} already holds a run: --resume continues it, --overwrite replaces "
                 "it, or choose another --out-dir"
             )
+        import yaml
+
+        with _out_dir_errors(self.out):
+            if resume:  # drop the records of steps after the checkpoint's
+                _rewind_metrics(self.out / METRICS, saved["step"])
+                _rewind_jsonl(self.out / SAMPLES, saved["step"])
+            else:
+                for name in (METRICS, SAMPLES, CHECKPOINT):
+                    (self.out / name).unlink(missing_ok=True)
+            config_text = yaml.safe_dump(self.config.to_dict(), sort_keys=False)
+            _write_text_atomically(self.out / "config.yaml", config_text)
+        return saved
+
+    def _build(self, saved: dict | None) -> None:
+        """The warm-started policy, optimizer and rollouts; restored from `saved` if given."""
+        config = self.config
         self.tokenizer = build_tokenizer()
         spec = policy.ModelSpec(hidden_size=config.hidden_size, num_layers=config.num_layers)
         warm = policy.WarmStart(
@@ -110,15 +162,9 @@ class Trainer:
         self.held_out = make_dataset(config.eval_size, HELD_OUT_SEED, config.digits)
         self.held_out_prompts = [policy.prompt_ids(self.tokenizer, p) for p in self.held_out]
         self.step = 0
-        self.out.mkdir(parents=True, exist_ok=True)
-        if resume:
-            self._load_checkpoint()
-        else:
-            for name in (METRICS, SAMPLES, CHECKPOINT):
-                (self.out / name).unlink(missing_ok=True)
-        import yaml
-
-        (self.out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        self.finished = None  # the state of the last finished step, for checkpoints
+        if saved is not None:
+            self._restore(saved)
         self.rollouts = make_rollouts(
             config.rollout_backend,
             self.model,
@@ -128,33 +174,47 @@ class Trainer:
             workdir=self.out / "rollout-model",
         )
 
+    def close(self) -> None:
+        """Release out_dir's lock (also done by `run()`, and by the process ending)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -- checkpoints ---------------------------------------------------------------------
+    def _state(self) -> dict:
+        """A copy of what a checkpoint holds, as of now."""
+        return copy.deepcopy(
+            {
+                "step": self.step,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "config": self.config.to_dict(),
+            }
+        )
+
     def save_checkpoint(self) -> Path:
+        """Save the state of the last finished step (never one caught mid-step)."""
         path = self.out / CHECKPOINT
-        state = {
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "config": self.config.to_dict(),
-        }
-        policy.save_atomically(state, path)
+        policy.save_atomically(self.finished, path)
         return path
 
-    def _load_checkpoint(self) -> None:
-        path = self.out / CHECKPOINT
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        # Everything but the step budget and the bookkeeping must match, or the continuation
-        # would not be the same run.
-        free = {"steps", "progress", "out_dir", "eval_every", "checkpoint_every"}
-        saved, asked = state["config"], self.config.to_dict()
-        changed = sorted(k for k in asked if k not in free and saved.get(k) != asked[k])
-        if changed:
-            raise ConfigError(f"--resume: the checkpoint was trained with other {changed}")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step = state["step"]
-        for name in (METRICS, SAMPLES):  # drop records written after the checkpoint
-            _truncate_jsonl(self.out / name, self.step)
+    def _restore(self, saved: dict) -> None:
+        try:
+            self.model.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            raise ConfigError(
+                f"--resume: {self.out / CHECKPOINT} does not fit this model and optimizer "
+                f"({type(error).__name__}); it is damaged or from another version"
+            ) from None
+        self.step = saved["step"]
+        self.finished = self._state()
 
     # -- evaluation ------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -178,35 +238,19 @@ class Trainer:
 
     # -- training --------------------------------------------------------------------------
     def run(self) -> RunResult:
-        from tqdm.auto import tqdm
-
-        config = self.config
-        if self.step == 0:
-            self._log(METRICS, {"step": 0, **self.evaluate()})
-        bar = tqdm(
-            range(self.step + 1, config.steps + 1),
-            desc=f"{config.method} seed {config.seed}",
-            initial=self.step,
-            total=config.steps,
-            disable=not config.progress,
-        )
+        """Train to `config.steps` and release out_dir; on Ctrl-C first save the last
+        finished step's checkpoint."""
+        if self._lock is None:
+            raise RuntimeError("this Trainer has run; build another (resume=True) to go on")
         try:
-            for step in bar:
-                record = self._train_step(step)
-                self.step = step
-                if step % config.eval_every == 0 or step == config.steps:
-                    record.update(self.evaluate())
-                self._log(METRICS, record)
-                if step % config.checkpoint_every == 0 or step == config.steps:
-                    self.save_checkpoint()
-                bar.set_postfix(reward=f"{record['reward']:.2f}")
+            self._train()
         except KeyboardInterrupt:
-            if self.step > 0:
+            if self.finished is not None:
                 path = self.save_checkpoint()
                 print(f"\ninterrupted: saved step {self.step} to {path}; continue with --resume")
             raise
         finally:
-            bar.close()
+            self.close()
         evals = [r for r in read_jsonl(self.out / METRICS) if "eval_accuracy" in r]
         return RunResult(
             self.out,
@@ -217,7 +261,44 @@ class Trainer:
             evals[-1]["eval_greedy"],
         )
 
-    def _train_step(self, step: int) -> dict:
+    def _train(self) -> None:
+        from tqdm.auto import tqdm
+
+        config = self.config
+        if self.finished is None:  # a fresh run: step 0 is the warm start's evaluation
+            self._finish_step(0, self.evaluate())
+        bar = tqdm(
+            range(self.step + 1, config.steps + 1),
+            desc=f"{config.method} seed {config.seed}",
+            initial=self.step,
+            total=config.steps,
+            disable=not config.progress,
+        )
+        with bar:
+            for step in bar:
+                record, samples = self._train_step(step)
+                if step % config.eval_every == 0 or step == config.steps:
+                    record.update(self.evaluate())
+                self._finish_step(step, record, samples)
+                bar.set_postfix(reward=f"{record['reward']:.2f}")
+
+    def _finish_step(self, step: int, record: dict, samples: list[dict] = ()) -> None:
+        """Write the step's records and make it the state checkpoints save.
+
+        The only writer of metrics.jsonl and samples.jsonl. The metrics line is the mark of a
+        finished step: until it is written, an interrupt saves the previous step, and a
+        resume drops any line of this one.
+        """
+        for sample in samples:
+            _append_line(self.out / SAMPLES, sample)
+        _append_line(self.out / METRICS, {"step": step, **record})
+        self.step = step
+        self.finished = self._state()
+        if step and (step % self.config.checkpoint_every == 0 or step == self.config.steps):
+            self.save_checkpoint()
+
+    def _train_step(self, step: int) -> tuple[dict, list[dict]]:
+        """Rollouts and updates of one step: its metrics record and heatmap samples."""
         config, seed = self.config, _step_seed(self.config, step)
         rng = random.Random(seed)
         problems = [make_problem(rng, config.digits) for _ in range(config.prompts_per_step)]
@@ -250,11 +331,12 @@ class Trainer:
             "advantage_s": weighed - rolled,
             "update_s": done - weighed,
         }
+        samples = []
         if weights is not None:
             record.update(weight_statistics(weights, batch["score_mask"]))
             if step % config.eval_every == 0 or step == 1:
-                self._log_samples(step, batch, weights, rewards, advantages)
-        return record
+                samples = self._samples(step, batch, weights, rewards, advantages)
+        return record, samples
 
     def _batch(self, rollouts: Rollouts) -> dict:
         score_mask, answer_mask = ok.spans.completion_spans(
@@ -347,13 +429,13 @@ class Trainer:
             metrics["kl_to_ref"] = result.mean_kl.item()
         return metrics
 
-    def _log_samples(self, step, batch, weights, rewards, advantages) -> None:
+    def _samples(self, step, batch, weights, rewards, advantages) -> list[dict]:
         """A few completions with their token weights, for `viz`'s heatmap."""
+        samples = []
         for row in range(min(self.config.heatmap_samples, weights.shape[0])):
             cols = batch["completion_mask"][row].nonzero().flatten().tolist()
             ids = batch["input_ids"][row, cols].tolist()
-            self._log(
-                SAMPLES,
+            samples.append(
                 {
                     "step": step,
                     "method": self.config.method,
@@ -362,28 +444,148 @@ class Trainer:
                     "tokens": [self.tokenizer.decode([i]) for i in ids],
                     "weights": [round(w, 4) for w in weights[row, cols].tolist()],
                     "scored": batch["score_mask"][row, cols].tolist(),
-                },
+                }
             )
+        return samples
 
-    def _log(self, name: str, record: dict) -> None:
-        with open(self.out / name, "a") as f:
-            f.write(json.dumps(record) + "\n")
+
+def _check_rollout_backend(config: TrainConfig) -> None:
+    """A vLLM run where vLLM cannot run is refused before the warm start."""
+    missing = config.rollout_backend == "vllm" and vllm_unavailable()
+    if missing:
+        raise ConfigError(missing)
+
+
+# -- out_dir -------------------------------------------------------------------------------
+@contextmanager
+def _out_dir_errors(out: Path):
+    """OSErrors from preparing out_dir (read-only, a file, a full disk) as ConfigErrors."""
+    try:
+        yield
+    except OSError as error:
+        raise ConfigError(
+            f"out_dir {out} is not a writable directory: {error.strerror or error}"
+        ) from error
+
+
+def _lock_out_dir(out: Path):
+    """Create out_dir and take its exclusive lock: the open lock file, which holds the lock
+    until closed (flock locks die with their file, so a crashed run leaves none behind)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out_dir {out} is a file, not a directory")
+    with _out_dir_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / LOCK, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "a process that has not yet written its name"
+        lock.close()
+        raise ConfigError(
+            f"out_dir {out} is in use by another training ({holder}); wait for it to end or "
+            "choose another --out-dir"
+        ) from None
+    with _out_dir_errors(out):
+        lock.truncate(0)  # append mode: the next write lands at the start
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+    return lock
+
+
+def _read_checkpoint(path: Path, device: torch.device, config: TrainConfig) -> dict:
+    """The checkpoint's state, checked to continue `config`'s run; a ConfigError otherwise.
+
+    Loaded with weights_only=True, and torch's message is not passed on: for a file that
+    only loads unsafely it advises weights_only=False, which would run the file's code.
+    """
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # torch fails in many ways (zip, pickle, EOF): all unreadable
+        what = "it is empty" if path.stat().st_size == 0 else type(error).__name__
+        raise ConfigError(
+            f"--resume: {path} is not a readable checkpoint ({what}); it is damaged or was "
+            "not written by this trainer: --overwrite starts the run afresh"
+        ) from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing or not isinstance(state["step"], int) or not isinstance(state["config"], dict):
+        raise ConfigError(
+            f"--resume: {path} is not a checkpoint of this trainer (it lacks or garbles "
+            f"{', '.join(missing) or 'step or config'}): --overwrite starts the run afresh"
+        )
+    asked = config.to_dict()
+    changed = sorted(
+        k for k in asked if k not in RESUMABLE_CHANGES and state["config"].get(k) != asked[k]
+    )
+    if changed:
+        raise ConfigError(f"--resume: the checkpoint was trained with other {changed}")
+    return state
+
+
+# -- jsonl records -------------------------------------------------------------------------
+def _append_line(path: Path, record: dict) -> None:
+    """One record as one write: only a crash (or a full disk) can leave a torn line."""
+    data = (json.dumps(record) + "\n").encode()
+    with open(path, "ab", buffering=0) as file:
+        written = file.write(data)
+    if written != len(data):
+        raise OSError(f"wrote {written} of {len(data)} bytes of a record to {path}")
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The records of a .jsonl file; a line that is not a JSON object (torn by a crash) is
+    skipped with a warning."""
     if not Path(path).exists():
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            warnings.warn(
+                f"{path}, line {number}: skipped a line that is not a JSON record "
+                "(torn by a crash?)",
+                stacklevel=2,
+            )
+            continue
+        records.append(record)
+    return records
 
 
-def _truncate_jsonl(path: Path, last_step: int) -> None:
-    kept = [r for r in read_jsonl(path) if r["step"] <= last_step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+def _rewind_jsonl(path: Path, last_step: int) -> list[dict]:
+    """Keep the records up to `last_step` (a checkpoint's), dropping later and torn ones."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a torn line is the expected trace of a crash here
+        records = read_jsonl(path)
+    kept = [r for r in records if isinstance(r.get("step"), int) and r["step"] <= last_step]
+    _write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def _rewind_metrics(path: Path, last_step: int) -> None:
+    """`_rewind_jsonl`, and a resumed run's metrics must have every step up to the
+    checkpoint's, or the finished file would not be that of one run."""
+    steps = [r["step"] for r in _rewind_jsonl(path, last_step)]
+    if steps != list(range(last_step + 1)):
+        missing = sorted(set(range(last_step + 1)) - set(steps))
+        raise ConfigError(
+            f"--resume: {path} lacks the records of steps {missing or steps} before the "
+            f"checkpoint's step {last_step}; --overwrite starts the run afresh"
+        )
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    policy.replace_atomically(path, lambda file: file.write(text.encode()))
 
 
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> RunResult:
     """Train one run; writes config.yaml, metrics.jsonl, samples.jsonl and checkpoint.pt
     under config.out_dir (see `oar_kernels.grpo.viz` for the pictures). An out_dir that
     already holds a run is continued with resume=True, replaced with overwrite=True, and
-    otherwise a ConfigError."""
+    otherwise a ConfigError; so is an out_dir another run is using, one that cannot be
+    written, and a checkpoint that cannot be read."""
     return Trainer(config, resume=resume, overwrite=overwrite).run()

@@ -10,6 +10,8 @@ import hashlib
 import json
 import os
 import random
+import secrets
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -117,23 +119,58 @@ def warm_started_model(
     tokenizer, spec: ModelSpec, warm: WarmStart, *, cache: Path | None = None, progress=True
 ):
     """The supervised warm start of `build_model(tokenizer, spec)` in eval mode on the CPU,
-    from the cache if there."""
-    model = build_model(tokenizer, spec, seed=warm.seed)
+    from the cache if there. A cache entry that cannot be loaded (a torn or foreign file) is
+    discarded with a warning and trained again."""
     path = (cache or cache_dir()) / f"warm-start-{_cache_key(tokenizer, spec, warm)}.pt"
-    if path.exists():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model.eval()
-    _supervised_training(model, tokenizer, warm, progress)
-    save_atomically(model.state_dict(), path)
+    model = _load_cached(path, tokenizer, spec, warm)
+    if model is None:
+        model = build_model(tokenizer, spec, seed=warm.seed)
+        _supervised_training(model, tokenizer, warm, progress)
+        save_atomically(model.state_dict(), path)
     return model.eval()
 
 
+def _load_cached(path: Path, tokenizer, spec: ModelSpec, warm: WarmStart):
+    """The cached warm start, or None when there is none or it cannot be loaded."""
+    if not path.exists():
+        return None
+    model = build_model(tokenizer, spec, seed=warm.seed)
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    # The cache is ours to rebuild, and torch.load fails in many ways (zip, pickle, EOF,
+    # shapes) that all mean the same here: this file is no warm start.
+    except Exception as error:
+        warnings.warn(
+            f"the warm-start cache {path} cannot be loaded ({type(error).__name__}); "
+            "deleting it and training the warm start again",
+            stacklevel=3,
+        )
+        path.unlink(missing_ok=True)
+        return None
+    return model
+
+
 def save_atomically(state: dict, path: Path) -> None:
-    """torch.save through a temporary file: a run killed mid-save leaves the old file whole."""
+    """torch.save through a temporary file (see `replace_atomically`)."""
+    replace_atomically(path, lambda file: torch.save(state, file))
+
+
+def replace_atomically(path: Path, write) -> None:
+    """Replace `path` by what `write(binary_file)` writes, through a temporary file of its
+    own in the same directory: a run killed mid-write leaves the old file whole, and two
+    processes writing one path at once each leave a whole file, never a mix of both."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".tmp")
-    torch.save(state, partial)
-    partial.replace(path)
+    # A name of its own (mkstemp's would also do, but its files ignore the umask).
+    partial = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        with open(partial, "xb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())  # the data is on disk before the name points at it
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def _supervised_training(model, tokenizer, warm: WarmStart, progress: bool) -> None:

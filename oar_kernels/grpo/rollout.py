@@ -8,6 +8,7 @@ width, so the completion always starts at column `prompt_width`.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -107,15 +108,11 @@ class VLLMRollouts:
     name = "vllm"
 
     def __init__(self, model, tokenizer, *, max_new_tokens: int, temperature: float, workdir):
-        try:
-            import vllm
-        except ImportError as error:
-            raise RuntimeError(
-                "rollout_backend='vllm' needs vLLM, which is not installed here "
-                "(pip install 'oar-kernels[vllm]' on a CUDA machine); use rollout_backend='hf'"
-            ) from error
-        if not torch.cuda.is_available():
-            raise RuntimeError("rollout_backend='vllm' needs a CUDA device; use 'hf' on CPU")
+        missing = vllm_unavailable()
+        if missing:
+            raise RuntimeError(missing)
+        import vllm
+
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         model.save_pretrained(workdir)
         tokenizer.save_pretrained(workdir)
@@ -145,6 +142,18 @@ class VLLMRollouts:
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         completions = [list(o.outputs[0].token_ids) for o in outputs]
         return _assemble(self.tokenizer, prompts, completions)
+
+
+def vllm_unavailable() -> str | None:
+    """Why the vllm backend cannot run here (a sentence), or None when it can."""
+    if importlib.util.find_spec("vllm") is None:
+        return (
+            "rollout_backend='vllm' needs vLLM, which is not installed here "
+            "(pip install 'oar-kernels[vllm]' on a CUDA machine); use rollout_backend='hf'"
+        )
+    if not torch.cuda.is_available():
+        return "rollout_backend='vllm' needs a CUDA device; use 'hf' on the CPU"
+    return None
 
 
 def make_rollouts(backend: str, model, tokenizer, *, max_new_tokens, temperature, workdir):
