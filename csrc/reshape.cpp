@@ -450,7 +450,7 @@ bool bilevel_rows(const Scalar* scores, const bool* mask, float* out, int64_t B,
   return queue->all_finite.load();
 }
 
-// The same checks as oar_kernels/reshape.py's _check_params: the op's callers may bypass
+// The same checks as oar_kernels/reshape.py's check_params: the op's callers may bypass
 // the Python wrappers.
 void check_params(double tau, double beta, double floor) {
   TORCH_CHECK_VALUE(tau >= 0.0 && tau <= 1.0, "tau must be [0.0, 1.0], got ", tau);

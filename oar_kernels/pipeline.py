@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from oar_kernels import reshape
+from oar_kernels._checks import require_finite
 from oar_kernels.importance.gradient import clean_sequence_logprobs, run_gradient_importance
 from oar_kernels.importance.perturbation import perturbation_importance
 
@@ -55,6 +56,11 @@ def oar_advantages(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    # Everything the reshape needs is checked before the (expensive) importance pass.
+    reshape.check_params(tau, beta, floor, preserve_mass)
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
+        reshape.check_advantages(advantages, input_ids, like_name="input_ids")
+        require_finite("advantages", advantages)
     if method == "perturbation":
         if mask_token_id is None:
             raise ValueError('method="perturbation" needs mask_token_id')

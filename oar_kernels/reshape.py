@@ -39,7 +39,7 @@ MAX_BLOCK = 4096
 MAX_BETA = 1e6
 
 
-def _check_params(tau, beta, floor, preserve_mass):
+def check_params(tau, beta, floor, preserve_mass):
     """Validates the scalar arguments (the same checks as csrc/reshape.cpp's op)."""
     return (
         require_real_in("tau", tau, 0.0, 1.0),
@@ -56,7 +56,7 @@ def _check_args(scores, score_mask, tau, beta, floor, preserve_mass):
         raise ValueError(f"scores must be [B, T], got shape {tuple(scores.shape)}")
     mask = require_mask("score_mask", score_mask, scores.shape)
     require_same_device(scores=scores, score_mask=score_mask)
-    return (scores.detach(), mask.detach(), *_check_params(tau, beta, floor, preserve_mass))
+    return (scores.detach(), mask.detach(), *check_params(tau, beta, floor, preserve_mass))
 
 
 def unit_scores(scores, mask) -> torch.Tensor:
@@ -408,7 +408,7 @@ lib.impl("reshape_advantages", _reshape_advantages_impl, "CompositeExplicitAutog
 # -------------------------------------------------------------------------- public API
 
 
-def check_advantages(advantages, like: torch.Tensor) -> None:
+def check_advantages(advantages, like: torch.Tensor, *, like_name: str = "scores") -> None:
     """advantages must be a float [B] or [B, T] tensor on the device of `like` ([B, T])."""
     require_float_tensor("advantages", advantages)
     B, T = like.shape
@@ -416,7 +416,7 @@ def check_advantages(advantages, like: torch.Tensor) -> None:
         raise ValueError(
             f"advantages must be [B]={B} or [B, T]={(B, T)}, got {tuple(advantages.shape)}"
         )
-    require_same_device(advantages=advantages, scores=like)
+    require_same_device(advantages=advantages, **{like_name: like})
 
 
 def bilevel_weights(

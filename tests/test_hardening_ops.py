@@ -347,3 +347,74 @@ def test_cpp_reshape_gives_the_same_weights_on_any_number_of_threads():
         torch.set_num_threads(threads)
     for weights in shared:
         assert torch.equal(weights, alone)
+
+
+def _raw_lm_head_calls():
+    gen = torch.Generator().manual_seed(9)
+    h, w = torch.randn(4, 3, generator=gen), torch.randn(7, 3, generator=gen)
+    t, row = torch.randint(0, 7, (4,), generator=gen), torch.zeros(4)
+    lp = torch.ops.oar.token_logprobs
+    loss = torch.ops.oar.grpo_loss
+    scalars = (0.2, 0.2, 0.0)
+    return [
+        ("lp-3d-hidden", lambda: lp(h[None], w, t, None, 1.0, False), ValueError, "hidden"),
+        ("lp-temp-zero", lambda: lp(h, w, t, None, 0.0, False), ValueError, "temperature"),
+        ("lp-temp-nan", lambda: lp(h, w, t, None, math.nan, False), ValueError, "temperature"),
+        ("lp-float-targets", lambda: lp(h, w, t.float(), None, 1.0, False), TypeError, "targets"),
+        ("lp-bias-shape", lambda: lp(h, w, t, torch.zeros(3), 1.0, False), ValueError, "bias"),
+        ("lp-target-range", lambda: lp(h, w, t + 7, None, 1.0, False), ValueError, "targets"),
+        (
+            "loss-adv-shape",
+            lambda: loss(h, w, t, row[:3], row, row, None, None, None, *scalars, 1.0),
+            ValueError,
+            "advantages",
+        ),
+        (
+            "loss-old-int",
+            lambda: loss(h, w, t, row, row, row, t, None, None, *scalars, 1.0),
+            TypeError,
+            "old_logprobs",
+        ),
+        (
+            "loss-eps-inf",
+            lambda: loss(h, w, t, row, row, row, None, None, None, math.inf, 0.2, 0.0, 1.0),
+            ValueError,
+            "epsilon_low",
+        ),
+        (
+            "loss-temp-neg",
+            lambda: loss(h, w, t, row, row, row, None, None, None, *scalars, -1.0),
+            ValueError,
+            "temperature",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", _raw_lm_head_calls(), ids=lambda c: c[0])
+def test_raw_lm_head_ops_check_their_arguments(case):
+    _, call, error, message = case
+    with pytest.raises(error, match=message):
+        call()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(tau=2.0), "tau"),
+        (dict(beta=math.inf), "beta"),
+        (dict(advantages=torch.tensor([math.nan, 1.0])), "advantages"),
+        (dict(advantages=torch.ones(3)), "advantages"),
+    ],
+)
+def test_oar_advantages_checks_the_reshape_before_the_importance_pass(kwargs, message, monkeypatch):
+    from oar_kernels import pipeline
+
+    def no_pass(*args, **kw):
+        raise AssertionError("the importance pass ran before the arguments were checked")
+
+    monkeypatch.setattr(pipeline, "run_gradient_importance", no_pass)
+    ids = torch.ones(2, 6, dtype=torch.long)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    args = {"advantages": torch.ones(2), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        ok.oar_advantages(torch.nn.Linear(1, 1), ids, mask, mask, None, **args)
