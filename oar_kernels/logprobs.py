@@ -36,6 +36,8 @@ CHUNK_BYTES = {"cpu": 8 * 2**20, "cuda": 512 * 2**20}
 MIN_CHUNK_ROWS = 32
 MIN_CHUNK_COLS = 256
 BLOCK_V = 4096
+# Logits are divided by the temperature; below this they overflow float32 for any |logit| > 1e32.
+MIN_TEMPERATURE = 1e-6
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -477,7 +479,15 @@ def chunk_steps(hidden: torch.Tensor):
     return _fold_torch, _logits_grad_torch
 
 
+def check_op_args(hidden, weight, targets, bias, temperature) -> None:
+    """What the token_logprobs and grpo_loss kernels need, checked in the ops themselves:
+    callers of torch.ops.oar.* bypass the public wrappers (target values: check_targets)."""
+    check_lm_head(hidden, weight, targets, bias, hidden_dims=(2,))
+    require_real_in("temperature", temperature, MIN_TEMPERATURE)
+
+
 def _token_logprobs_impl(hidden, weight, targets, bias, temperature, return_entropy):
+    check_op_args(hidden, weight, targets, bias, temperature)
     fold, _ = chunk_steps(hidden)
     return chunked_forward(hidden, weight, targets, bias, temperature, return_entropy, fold)
 
@@ -580,7 +590,7 @@ def token_logprobs(
     hidden, weight and bias.
     """
     check_lm_head(hidden, weight, targets, bias, hidden_dims=(2, 3))
-    temperature = require_real_in("temperature", temperature, 1e-6)
+    temperature = require_real_in("temperature", temperature, MIN_TEMPERATURE)
     flat_targets = targets.reshape(-1).long()
     logprobs, entropy, _ = torch.ops.oar.token_logprobs(
         hidden.reshape(targets.numel(), hidden.shape[-1]).contiguous(),

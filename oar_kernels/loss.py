@@ -22,8 +22,10 @@ from oar_kernels._checks import (
 )
 from oar_kernels._ops import lib
 from oar_kernels.logprobs import (
+    MIN_TEMPERATURE,
     accumulation_dtype,
     check_lm_head,
+    check_op_args,
     chunk_steps,
     chunked_backward,
     chunked_forward,
@@ -69,6 +71,25 @@ def _weighted(weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return torch.where(weight != 0, weight * values, 0.0)
 
 
+def _check_scalars(epsilon_low, epsilon_high, beta):
+    return (
+        require_real_in("epsilon_low", epsilon_low, 0.0, 1.0),
+        require_real_in("epsilon_high", epsilon_high, 0.0),
+        require_real_in("beta", beta, 0.0),
+    )
+
+
+def _check_rows(hidden, **rows) -> None:
+    """The op's per-token inputs: float [N] on hidden's device (None where optional)."""
+    for name, value in rows.items():
+        if value is None:
+            continue
+        require_float_tensor(name, value)
+        if value.shape != hidden.shape[:1]:
+            raise ValueError(f"{name} must be [N]={hidden.shape[0]}, got {tuple(value.shape)}")
+        require_same_device(hidden=hidden, **{name: value})
+
+
 def _grpo_loss_impl(
     hidden,
     weight,
@@ -84,6 +105,16 @@ def _grpo_loss_impl(
     beta,
     temperature,
 ):
+    check_op_args(hidden, weight, targets, bias, temperature)
+    _check_rows(
+        hidden,
+        advantages=advantages,
+        token_weight=token_weight,
+        metric_weight=metric_weight,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+    )
+    _check_scalars(epsilon_low, epsilon_high, beta)
     fold, logits_grad = chunk_steps(hidden)
     logprobs, no_entropy, lse = chunked_forward(
         hidden, weight, targets, bias, temperature, False, fold
@@ -205,14 +236,11 @@ def grpo_loss(
                 raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(value.shape)}")
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    epsilon_low = require_real_in("epsilon_low", epsilon_low, 0.0, 1.0)
-    epsilon_high = require_real_in(
-        "epsilon_high", epsilon_low if epsilon_high is None else epsilon_high, 0.0
-    )
-    beta = require_real_in("beta", beta, 0.0)
+    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
+    epsilon_low, epsilon_high, beta = _check_scalars(epsilon_low, epsilon_high, beta)
     if beta > 0 and ref_logprobs is None:
         raise ValueError("beta > 0 needs ref_logprobs")
-    temperature = require_real_in("temperature", temperature, 1e-6)
+    temperature = require_real_in("temperature", temperature, MIN_TEMPERATURE)
     optional = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs}
     require_same_device(
         hidden=hidden,
