@@ -11,11 +11,12 @@ mode) and a reasoning span over the whole completion.
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
 
-from oar_kernels._checks import require_mask, require_tensor
+from oar_kernels._checks import require_int, require_mask, require_tensor
 
 _NON_SPACE = re.compile(r"\S")  # Python's \s is str.isspace, so the scanners agree with it
 _BRACE = re.compile(r"[{}]")
@@ -89,7 +90,8 @@ BUILTIN_FORMATS = {"boxed": _last_boxed, "gsm8k": _last_gsm8k, "answer_tag": _la
 def _last_regex_match(
     text: str, answer_format, max_chars: int | None
 ) -> tuple[int, int, int] | None:
-    """(markup start, group 1 start, group 1 end) of a user regex's last match, or None."""
+    """(markup start, group 1 start, group 1 end) of a user regex's last match whose group 1
+    takes part (`(a)|b` matching "b" has no answer), or None."""
     pattern = re.compile(answer_format) if isinstance(answer_format, str) else answer_format
     if not isinstance(pattern, re.Pattern) or pattern.groups < 1:
         raise ValueError(
@@ -97,11 +99,11 @@ def _last_regex_match(
             f"got {answer_format!r}"
         )
     first = 0 if max_chars is None else max(0, len(text) - max_chars)
-    matches = list(pattern.finditer(text, first))
-    if not matches:
-        return None
-    last = matches[-1]
-    return last.start(0), last.start(1), last.end(1)
+    found = None
+    for match in pattern.finditer(text, first):
+        if match.start(1) >= 0:
+            found = match.start(0), match.start(1), match.end(1)
+    return found
 
 
 def find_answer(
@@ -111,7 +113,8 @@ def find_answer(
 
     answer_format: "boxed" (\\boxed{...}, braces balanced), "gsm8k" (#### 42), "answer_tag"
     (<answer>...</answer>), or a regex (str or compiled) whose group 1 is the answer. The last
-    match wins. The built-in formats are scanned in linear time on any text.
+    match wins (for a regex, the last one in which group 1 takes part). The built-in formats
+    are scanned in linear time on any text.
 
     A user regex runs on Python's backtracking `re`: patterns with adjacent or nested
     quantifiers over overlapping characters (say `(.*?)\\s*$` or `(a+)+`) can take polynomial
@@ -120,10 +123,10 @@ def find_answer(
     relative to the whole text; lookbehinds and `\\b` still see the characters before). Answers
     sit at the end of completions, so a cap of a few thousand characters rarely changes results.
     """
-    if max_chars is not None and (
-        isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1
-    ):
-        raise ValueError(f"max_chars must be a positive int or None, got {max_chars!r}")
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if max_chars is not None:
+        max_chars = require_int("max_chars", max_chars, 1)
     if isinstance(answer_format, str) and answer_format in BUILTIN_FORMATS:
         return BUILTIN_FORMATS[answer_format](text)
     return _last_regex_match(text, answer_format, max_chars)
@@ -134,27 +137,61 @@ def find_answer(
 _DECODE_CONTEXT = 8
 
 
+def _settled_end(text: str, window_text: str, base: int, low: int) -> int:
+    """End of the decoded prefix's leading characters that equal the whole text's, given that
+    those before `low` do. The window's text sits at `base` and only its head (before `low`)
+    may differ from the prefix's."""
+    tail = window_text[low - base :]
+    return low + len(os.path.commonprefix([tail, text[low : low + len(tail)]]))
+
+
+def _leading_replacements(text: str) -> int:
+    """How many U+FFFD text starts with."""
+    return len(text) - len(text.lstrip("\ufffd"))
+
+
+def _continues_previous_character(tokenizer, token: int, added: str) -> bool:
+    """Whether the token's first bytes belong to the character before it: decoded alone they
+    are U+FFFD (stray continuation bytes) that the decoding does not add. Catches what
+    comparing with the text cannot: the tail bytes of a U+FFFD the text holds itself."""
+    return _leading_replacements(tokenizer.decode([token])) > _leading_replacements(added)
+
+
 def _prefix_decoding_spans(tokenizer, ids: list[int]) -> list[tuple[int, int]]:
-    """Each token's [start, end) characters, token k ending at len(decode(ids[:k + 1])).
+    """Each token's [start, end) characters: a token belongs to every character it has bytes
+    of, as in an offset mapping.
+
+    Token k ends at len(decode(ids[:k + 1])) and starts where the characters of ids[:k] that
+    are already final (equal to the whole text's) end: a character split over byte tokens
+    decodes as U+FFFD until complete, so every token with bytes of it spans it. Spans are
+    never backwards.
 
     Linear, O(len(ids) * _DECODE_CONTEXT): rather than decode every prefix (quadratic), decode a
     window ids[window:k + 1]. Once the window holds _DECODE_CONTEXT tokens its text differs
     from the prefix's only in a fixed head (a partial UTF-8 character decoded as U+FFFD, a
-    stripped leading space), so the prefix ends at `base + len(window text)`. A character
-    split over byte tokens is measured as in the prefix: U+FFFD while incomplete, then whole.
-    When the window reaches 2 * _DECODE_CONTEXT tokens it restarts _DECODE_CONTEXT back, its
-    base set from the last token's end. Exact whenever a token changes the decoding of fewer
-    than _DECODE_CONTEXT tokens around it, as byte-level BPE, SentencePiece (Metaspace) and
-    WordPiece decoders do; the tests compare it with decoding every prefix.
+    stripped leading space), so the prefix ends at `base + len(window text)`. When the window
+    reaches 2 * _DECODE_CONTEXT tokens it restarts _DECODE_CONTEXT back, its base set from the
+    last token's end. Exact whenever a token changes the decoding of fewer than _DECODE_CONTEXT
+    tokens around it, as byte-level BPE, SentencePiece (Metaspace) and WordPiece decoders do;
+    the tests compare it with decoding every prefix.
     """
-    spans, window, base, previous = [], 0, 0, 0
-    for k in range(len(ids)):
+    text = tokenizer.decode(ids)
+    spans, window, base, settled, before = [], 0, 0, 0, ""
+    for k, token in enumerate(ids):
+        last_end = base + len(before)
         if k - window >= 2 * _DECODE_CONTEXT:
             window = k - _DECODE_CONTEXT
-            base = previous - len(tokenizer.decode(ids[window:k]))
-        end = base + len(tokenizer.decode(ids[window : k + 1]))
-        spans.append((previous, end))
-        previous = end
+            before = tokenizer.decode(ids[window:k])
+            base = last_end - len(before)
+        current = tokenizer.decode(ids[window : k + 1])
+        start = settled
+        if _continues_previous_character(tokenizer, token, current[len(before) :]):
+            start = min(start, max(last_end - 1, 0))
+        end = base + len(current)
+        spans.append((start, max(start, end)))
+        # Final characters stay final, so only the window's new tail is compared: linear.
+        settled = _settled_end(text, current, base, max(base, min(settled, end)))
+        before = current
     return spans
 
 
@@ -174,13 +211,24 @@ def _offset_mapping(tokenizer, text: str, ids: list[int]) -> list[tuple[int, int
     return [tuple(span) for span in encoded["offset_mapping"]]
 
 
+def _require_tokenizer(tokenizer) -> None:
+    """Fail early, naming the argument, on a tokenizer that cannot decode ids."""
+    if not callable(getattr(tokenizer, "decode", None)):
+        raise TypeError(
+            "tokenizer must have a decode method (a transformers tokenizer), "
+            f"got {type(tokenizer).__name__}"
+        )
+
+
 def token_char_spans(tokenizer, ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
     """The decoded text of `ids` and each token's [start, end) characters in it.
 
     Uses the tokenizer's offset mapping when it has one and re-encoding the text gives back the
     same ids; otherwise (slow tokenizers, non-canonical ids) prefix decoding, linear in the
-    length (see _prefix_decoding_spans).
+    length (see _prefix_decoding_spans). Either way a token spans every character it has bytes
+    of, so a character split over tokens is in each of their spans.
     """
+    _require_tokenizer(tokenizer)
     ids = list(ids)
     text = tokenizer.decode(ids)
     offsets = _offset_mapping(tokenizer, text, ids)
@@ -200,7 +248,12 @@ def completion_spans(
     input_ids: [B, T]; completion_mask: [B, T] bool/int, the completion tokens (padding and
     prompt excluded). answer_format and max_chars: as in find_answer. Returns
     (score_mask, answer_mask).
+
+    A token belongs to every character it has bytes of (token_char_spans): one holding bytes of
+    both the reasoning (or markup) and the answer is in the answer span only, so the answer mask
+    holds every byte of the answer; the reasoning span is the tokens wholly before the markup.
     """
+    _require_tokenizer(tokenizer)
     require_tensor("input_ids", input_ids)
     if input_ids.dim() != 2 or input_ids.is_floating_point():
         raise ValueError(

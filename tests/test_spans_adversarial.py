@@ -94,6 +94,9 @@ def test_max_chars_searches_the_tail_with_offsets_in_the_whole_text():
     assert spans.find_answer(text, r"ANSWER: (\d+)", max_chars=20) == (start - 8, start, start + 2)
     assert spans.find_answer(text, r"ANSWER: (\d+)", max_chars=3) is None
     assert spans.find_answer(text, re.compile(r"\bso (\w+)"), max_chars=14) is not None
-    for bad in (0, -1, 2.5, True):
+    for bad in (0, -1):
         with pytest.raises(ValueError, match="max_chars"):
+            spans.find_answer(text, r"(\d)", max_chars=bad)
+    for bad in (2.5, True, "5"):
+        with pytest.raises(TypeError, match="max_chars"):
             spans.find_answer(text, r"(\d)", max_chars=bad)
