@@ -37,7 +37,13 @@ def require_same_device(**tensors: torch.Tensor) -> None:
 
 
 def require_real_in(name: str, value, low: float, high: float = math.inf) -> float:
-    """A finite real number in [low, high]; infinities are refused even when high is inf."""
+    """A finite real number in [low, high]; infinities are refused even when high is inf.
+
+    While torch.compile traces, a float argument may be symbolic (dynamic=True): its value
+    is unknown then, and the op's own kernel checks it when the graph runs.
+    """
+    if torch.compiler.is_compiling():
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not math.isfinite(value):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from oar_kernels._checks import (
+    require_bool,
     require_float_tensor,
     require_real_in,
     require_same_device,
@@ -150,6 +151,11 @@ def _logits_grad_torch(logits, targets, lse, entropy, grad_logprobs, grad_entrop
     grad.scatter_add_(
         1, targets.clamp(0, grad.shape[1] - 1)[:, None], (grad_logprobs * inside)[:, None]
     )
+    # A row nothing flows into (padding) gives exactly 0, even if its logits hold NaN.
+    still = grad_logprobs == 0
+    if grad_entropy is not None:
+        still &= grad_entropy == 0
+    grad.masked_fill_(still[:, None], 0.0)
     if temperature != 1.0:
         grad.div_(temperature)
     if grad.data_ptr() != logits.data_ptr():
@@ -239,6 +245,11 @@ if triton is not None:
             if WITH_ENTROPY:
                 grad -= g_ent * tl.where(p > 0.0, p * (log_p + entropy), 0.0)
             grad = grad / temperature
+            # A row nothing flows into (padding) gives exactly 0, even if its logits hold NaN.
+            if WITH_ENTROPY:
+                grad = tl.where((g_logp == 0.0) & (g_ent == 0.0), 0.0, grad)
+            else:
+                grad = tl.where(g_logp == 0.0, 0.0, grad)
             tl.store(base + start + cols, grad.to(logits_ptr.dtype.element_ty), mask=in_vocab)
 
 
@@ -352,6 +363,7 @@ def chunked_forward(hidden, weight, targets, bias, temperature, return_entropy, 
     """Folds the logits chunk by chunk: over vocabulary chunks of all rows when V >= N (few
     tall GEMMs), else over row chunks."""
     rows, vocab = hidden.shape[0], weight.shape[0]
+    targets = targets.long()  # gather and scatter index with int64; any integer dtype comes in
     check_targets(targets, vocab)
     acc = accumulation_dtype(hidden.dtype)
     state = FoldState(rows, acc, hidden.device, return_entropy)
@@ -396,6 +408,7 @@ def chunked_backward(
     usual case), d weight [V, H] over row chunks otherwise.
     """
     rows, vocab = hidden.shape[0], weight.shape[0]
+    targets = targets.long()  # gather and scatter index with int64; any integer dtype comes in
     if grad_entropy.numel() == 0:
         entropy = grad_entropy = None
     if vocab >= rows:
@@ -492,9 +505,31 @@ def _token_logprobs_impl(hidden, weight, targets, bias, temperature, return_entr
     return chunked_forward(hidden, weight, targets, bias, temperature, return_entropy, fold)
 
 
-def _token_logprobs_backward_impl(*args):
-    _, logits_grad = chunk_steps(args[2])
-    return chunked_backward(*args, logits_grad=logits_grad)
+def _token_logprobs_backward_impl(
+    grad_logprobs, grad_entropy, hidden, weight, targets, bias, lse, entropy, temperature
+):
+    # Target values were checked by the forward; the shapes are checked again for raw callers.
+    check_op_args(hidden, weight, targets, bias, temperature)
+    rows = hidden.shape[:1]
+    for name, value in (("grad_logprobs", grad_logprobs), ("lse", lse)):
+        if value.shape != rows:
+            raise ValueError(f"{name} must be [N]={rows[0]}, got {tuple(value.shape)}")
+    for name, value in (("grad_entropy", grad_entropy), ("entropy", entropy)):
+        if grad_entropy.numel() and value.shape != rows:
+            raise ValueError(f"{name} must be [N]={rows[0]} (or [0]), got {tuple(value.shape)}")
+    _, logits_grad = chunk_steps(hidden)
+    return chunked_backward(
+        grad_logprobs,
+        grad_entropy,
+        hidden,
+        weight,
+        targets,
+        bias,
+        lse,
+        entropy,
+        temperature,
+        logits_grad=logits_grad,
+    )
 
 
 for _key in ("CPU", "CUDA"):
@@ -505,6 +540,7 @@ for _key in ("CPU", "CUDA"):
 def _setup_context(ctx, inputs, output):
     hidden, weight, targets, bias, temperature, _ = inputs
     _, entropy, lse = output
+    ctx.mark_non_differentiable(lse)  # saved for the backward; not an output users train on
     ctx.save_for_backward(hidden, weight, targets, bias, lse, entropy)
     ctx.temperature = temperature
 
@@ -591,6 +627,7 @@ def token_logprobs(
     """
     check_lm_head(hidden, weight, targets, bias, hidden_dims=(2, 3))
     temperature = require_real_in("temperature", temperature, MIN_TEMPERATURE)
+    return_entropy = require_bool("return_entropy", return_entropy)
     flat_targets = targets.reshape(-1).long()
     logprobs, entropy, _ = torch.ops.oar.token_logprobs(
         hidden.reshape(targets.numel(), hidden.shape[-1]).contiguous(),
@@ -598,7 +635,7 @@ def token_logprobs(
         flat_targets.contiguous(),
         bias,
         temperature,
-        bool(return_entropy),
+        return_entropy,
     )
     logprobs = logprobs.reshape(targets.shape)
     return (logprobs, entropy.reshape(targets.shape)) if return_entropy else logprobs

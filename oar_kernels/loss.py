@@ -55,15 +55,17 @@ def per_token_terms(logprobs, old_logprobs, ref_logprobs, advantages, eps_low, e
     clipped = ((ratio < 1 - eps_low) & (advantages < 0)) | (
         (ratio > 1 + eps_high) & (advantages > 0)
     )
-    surrogate = torch.minimum(
-        ratio * advantages, ratio.clamp(1 - eps_low, 1 + eps_high) * advantages
-    )
-    loss = -surrogate
-    dloss = torch.where(clipped, 0.0, -ratio * advantages)
+    # A = 0 (a group of equal rewards) contributes exactly 0, even where rho overflows.
+    moved = torch.where(advantages == 0, 0.0, ratio * advantages)
+    clamped = torch.where(advantages == 0, 0.0, ratio.clamp(1 - eps_low, 1 + eps_high) * advantages)
+    loss = -torch.minimum(moved, clamped)
+    dloss = torch.where(clipped, 0.0, -moved)
     if ref_logprobs is None:
         return loss, dloss, clipped, ratio, torch.zeros_like(loss)
     gap = torch.exp(ref_logprobs - logprobs)
     k3 = gap - (ref_logprobs - logprobs) - 1
+    if beta == 0:  # k3 is still reported; beta * k3 would be NaN where k3 overflows
+        return loss, dloss, clipped, ratio, k3
     return loss + beta * k3, dloss + beta * (1 - gap), clipped, ratio, k3
 
 
@@ -115,6 +117,8 @@ def _grpo_loss_impl(
         ref_logprobs=ref_logprobs,
     )
     _check_scalars(epsilon_low, epsilon_high, beta)
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError("beta > 0 needs ref_logprobs")
     fold, logits_grad = chunk_steps(hidden)
     logprobs, no_entropy, lse = chunked_forward(
         hidden, weight, targets, bias, temperature, False, fold
@@ -131,10 +135,13 @@ def _grpo_loss_impl(
     loss = _weighted(w, terms).sum()
     metrics = torch.stack([_weighted(m, x).sum() for x in (clipped, k3, ratio)])
     # The loss is linear in the per-token terms: its logprob gradient is w * d terms / d lp.
+    # Padding rows must not reach the weight gradient even when their hidden states hold
+    # NaN (0 * NaN in the GEMM): they enter the backward as zeros.
+    active = (w != 0) | (m != 0)
     grads = chunked_backward(
         _weighted(w, dterms),
         no_entropy,
-        hidden,
+        torch.where(active[:, None], hidden, 0.0),
         weight,
         targets,
         bias,
@@ -151,7 +158,10 @@ for _key in ("CPU", "CUDA"):
 
 
 def _setup_context(ctx, inputs, output):
-    *_, grad_hidden, grad_weight, grad_bias = output
+    _, metrics, logprobs, grad_hidden, grad_weight, grad_bias = output
+    # Only the loss is differentiable: the metrics and logprobs are reports (a gradient
+    # through them would silently be 0, so autograd refuses it).
+    ctx.mark_non_differentiable(metrics, logprobs, grad_hidden, grad_weight, grad_bias)
     ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
     ctx.has_bias = inputs[8] is not None
 

@@ -81,6 +81,8 @@ def _check_op_args(scores, score_mask, tau, beta, floor, preserve_mass, out):
             f"out must be a float32 tensor of shape {tuple(scores.shape)} on {scores.device}, "
             f"got {out.dtype} {tuple(out.shape)} on {out.device}"
         )
+    if torch._debug_has_internal_overlap(out) == 1:  # an expanded tensor
+        raise ValueError("out must not have overlapping elements (an expanded tensor)")
     require_finite("scores", scores, where=mask)
     return scores, mask, *params
 
@@ -399,10 +401,35 @@ def weigh_advantages(advantages, weights):
 
 def _reshape_advantages_impl(advantages, scores, score_mask, tau, beta, floor, preserve_mass):
     weights = torch.ops.oar.bilevel_weights(scores, score_mask, tau, beta, floor, preserve_mass)
+    check_advantages(advantages, scores)  # after the weights op has checked scores
     return weigh_advantages(advantages, weights)
 
 
 lib.impl("reshape_advantages", _reshape_advantages_impl, "CompositeExplicitAutograd")
+
+
+def _reshape_advantages_setup(ctx, inputs, output):
+    advantages, *reshape_args = inputs
+    ctx.reshape_args = reshape_args
+    ctx.advantages_shape, ctx.advantages_dtype = advantages.shape, advantages.dtype
+    ctx.save_for_backward(reshape_args[0], reshape_args[1])
+
+
+def _reshape_advantages_backward(ctx, grad):
+    """d(A_b w_bt)/dA = w (summed over t for [B] advantages); the weights are constants."""
+    scores, score_mask = ctx.saved_tensors
+    weights = torch.ops.oar.bilevel_weights(scores, score_mask, *ctx.reshape_args[2:])
+    grad_advantages = grad * weights
+    if len(ctx.advantages_shape) == 1:
+        grad_advantages = grad_advantages.sum(dim=1)
+    return (grad_advantages.to(ctx.advantages_dtype),) + (None,) * 6
+
+
+torch.library.register_autograd(
+    "oar::reshape_advantages",
+    _reshape_advantages_backward,
+    setup_context=_reshape_advantages_setup,
+)
 
 
 # -------------------------------------------------------------------------- public API

@@ -418,3 +418,158 @@ def test_oar_advantages_checks_the_reshape_before_the_importance_pass(kwargs, me
     args = {"advantages": torch.ones(2), **kwargs}
     with pytest.raises(ValueError, match=message):
         ok.oar_advantages(torch.nn.Linear(1, 1), ids, mask, mask, None, **args)
+
+
+# ------------------------------------------------ second round of probes (issue 11's class)
+
+
+def test_public_ops_compile_with_dynamic_shapes():
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(11)
+    scores, mask = torch.rand(2, 5, generator=gen), torch.rand(2, 5, generator=gen) < 0.8
+    adv = torch.randn(2, generator=gen)
+    hidden = torch.randn(2, 3, 4, generator=gen, requires_grad=True)
+    weight, targets = torch.randn(9, 4, generator=gen), torch.randint(0, 9, (2, 3), generator=gen)
+    tokens = torch.ones(2, 3, dtype=torch.bool)
+    calls = {
+        "bilevel_weights": (lambda s, m: ok.bilevel_weights(s, m, tau=0.3), (scores, mask)),
+        "reshape_advantages": (
+            lambda a, s, m: ok.reshape_advantages(a, s, m, beta=2.0),
+            (adv, scores, mask),
+        ),
+        "token_logprobs": (
+            lambda h: ok.token_logprobs(h, weight, targets, temperature=0.7).sum(),
+            (hidden,),
+        ),
+        "grpo_loss": (
+            lambda h, a: ok.grpo_loss(h, weight, targets, a, tokens, epsilon_low=0.3).loss,
+            (hidden, adv),
+        ),
+    }
+    for name, (fn, args) in calls.items():
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=True)
+        assert torch.allclose(compiled(*args), fn(*args)), name
+
+
+def test_grpo_loss_gradients_ignore_nan_hidden_states_in_padding():
+    hidden, weight, targets, mask, adv, old, _ = _loss_problem()
+    weight.requires_grad_()
+    dirty = torch.where(mask[..., None], hidden, float("nan")).requires_grad_()
+    ok.grpo_loss(dirty, weight, targets, adv, mask, old_logprobs=old).loss.backward()
+    clean = hidden.clone().requires_grad_()
+    weight_clean = weight.detach().clone().requires_grad_()
+    ok.grpo_loss(clean, weight_clean, targets, adv, mask, old_logprobs=old).loss.backward()
+    assert_verbose_allclose(weight.grad, weight_clean.grad, rtol=1e-6, atol=1e-7, name="d weight")
+    assert_verbose_allclose(dirty.grad, clean.grad, rtol=1e-6, atol=1e-7, name="d hidden")
+
+
+def test_reported_outputs_are_not_differentiable():
+    hidden, weight, targets, mask, adv, old, ref = _loss_problem()
+    hidden.requires_grad_()
+    out = ok.grpo_loss(hidden, weight, targets, adv, mask, old_logprobs=old, ref_logprobs=ref)
+    assert out.loss.requires_grad
+    for name in ("logprobs", "clip_fraction", "mean_kl", "mean_ratio"):
+        assert not getattr(out, name).requires_grad, name
+    _, _, lse = torch.ops.oar.token_logprobs(hidden[0], weight, targets[0], None, 1.0, False)
+    assert not lse.requires_grad
+
+
+def test_grpo_loss_zero_advantage_and_zero_beta_never_multiply_inf_by_zero():
+    hidden, weight, targets, mask, _, _, _ = _loss_problem()
+    lp = ok.token_logprobs(hidden, weight, targets)
+    hidden.requires_grad_()
+    zero = torch.zeros(3, 6)
+    # rho = e^100 overflows float32: with A = 0 the token still contributes exactly 0.
+    out = ok.grpo_loss(hidden, weight, targets, zero, mask, old_logprobs=lp - 100)
+    out.loss.backward()
+    assert out.loss == 0 and torch.isfinite(hidden.grad).all()
+    # beta = 0 drops the KL term even where k3 overflows (ref far above the policy).
+    adv = torch.ones(3)
+    out = ok.grpo_loss(hidden, weight, targets, adv, mask, ref_logprobs=lp + 100, beta=0.0)
+    base = ok.grpo_loss(hidden, weight, targets, adv, mask)
+    assert torch.isfinite(out.loss) and out.loss == base.loss
+
+
+def test_raw_reshape_advantages_and_saliency_check_and_differentiate():
+    gen = torch.Generator().manual_seed(12)
+    scores, mask = torch.rand(2, 5, generator=gen), torch.rand(2, 5, generator=gen) < 0.8
+    params = (0.25, 1.0, 0.1, True)
+    with pytest.raises(ValueError, match="advantages"):
+        torch.ops.oar.reshape_advantages(torch.ones(3), scores, mask, *params)
+    with pytest.raises(TypeError, match="advantages"):
+        torch.ops.oar.reshape_advantages(torch.ones(2, dtype=torch.long), scores, mask, *params)
+    for shape in ((2,), (2, 5)):
+        adv = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+        torch.library.opcheck(
+            torch.ops.oar.reshape_advantages.default, (adv, scores, mask, *params)
+        )
+        out = torch.ops.oar.reshape_advantages(adv, scores, mask, *params)
+        (grad,) = torch.autograd.grad(out.sum(), adv)
+        weights = ok.bilevel_weights(scores, mask).double()
+        want = weights.sum(1) if len(shape) == 1 else weights
+        assert torch.allclose(grad, want)
+
+    from oar_kernels.importance.gradient import saliency_reference
+
+    g = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    e = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    m = torch.rand(2, 3, generator=gen) < 0.7
+    torch.library.opcheck(torch.ops.oar.saliency.default, (g, e, m))
+    w = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad((torch.ops.oar.saliency(g, e, m) * w).sum(), (g, e))
+    want = torch.autograd.grad((saliency_reference(g, e, m) * w).sum(), (g, e))
+    for a, b in zip(got, want):
+        assert_verbose_allclose(a, b, rtol=1e-6, atol=1e-6, name="saliency grad")
+    with pytest.raises(ValueError, match="score_mask"):
+        torch.ops.oar.saliency(g, e, torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="score_mask"):
+        torch.ops.oar.saliency(g, e, torch.ones(2, 3))
+    with pytest.raises(ValueError, match="embeds"):
+        torch.ops.oar.saliency(g, e[:, :2], m)
+
+
+def test_raw_logprob_ops_take_any_integer_targets_and_check_backward_shapes():
+    gen = torch.Generator().manual_seed(13)
+    h, w = torch.randn(4, 3, generator=gen), torch.randn(7, 3, generator=gen)
+    t = torch.randint(0, 7, (4,), generator=gen)
+    want = torch.ops.oar.token_logprobs(h, w, t, None, 1.0, False)[0]
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        got = torch.ops.oar.token_logprobs(h, w, t.to(dtype), None, 1.0, False)[0]
+        assert torch.equal(got, want)
+    lp, ent, lse = torch.ops.oar.token_logprobs(h, w, t, None, 1.0, True)
+    backward = torch.ops.oar.token_logprobs_backward
+    with pytest.raises(ValueError, match="grad_logprobs"):
+        backward(lp[:2], ent, h, w, t, None, lse, ent, 1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        backward(lp, ent, h, w, t, None, lse, ent, 0.0)
+    with pytest.raises(ValueError, match="entropy"):
+        backward(lp, ent, h, w, t, None, lse, ent[:1], 1.0)
+    with pytest.raises(TypeError, match="return_entropy"):
+        ok.token_logprobs(h, w, t, return_entropy="no")
+
+
+def test_cpp_mass_stays_exact_on_rows_of_millions():
+    if not _extension.LOADED:
+        pytest.skip(f"C++ extension not loaded: {_extension.STATUS}")
+    gen = torch.Generator().manual_seed(14)
+    scores = torch.rand(1, 2**22, generator=gen) ** 3
+    weights = ok.bilevel_weights(scores, torch.ones_like(scores, dtype=torch.bool))
+    assert abs(weights.double().mean().item() - 1.0) < 1e-5
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_expanded_out_is_a_clear_error(path):
+    if path == "cpp" and not _extension.LOADED:
+        pytest.skip(f"C++ extension not loaded: {_extension.STATUS}")
+    if path == "triton":
+        triton_device_or_skip(reshape.triton)
+    scores, mask = torch.rand(2, 5), torch.ones(2, 5, dtype=torch.bool)
+    out = torch.empty(1, 5).expand(2, 5)
+    args = (scores, mask, 0.25, 1.0, 0.1, True)
+    with pytest.raises(ValueError, match="out"):
+        if path == "cpp":
+            torch.ops.oar.bilevel_weights_into(*args, out)
+        elif path == "triton":
+            reshape._bilevel_weights_triton(*args, out=out)
+        else:
+            reshape._bilevel_weights_torch(*args, out=out)

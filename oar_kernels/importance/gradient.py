@@ -16,6 +16,7 @@ import contextlib
 import torch
 
 from oar_kernels._checks import (
+    require_float_tensor,
     require_int,
     require_mask,
     require_real_in,
@@ -42,7 +43,21 @@ def saliency_reference(grad, embeds, score_mask):
     return torch.where(score_mask, dot, 0.0)
 
 
+def _check_saliency_args(grad, embeds, score_mask) -> None:
+    """The op's own checks (raw torch.ops.oar.saliency callers bypass check_batch)."""
+    require_float_tensor("grad", grad)
+    require_float_tensor("embeds", embeds)
+    if grad.dim() != 3 or embeds.shape != grad.shape:
+        raise ValueError(
+            f"grad and embeds must be [B, T, H] of one shape, got {tuple(grad.shape)} and "
+            f"{tuple(embeds.shape)}"
+        )
+    require_mask("score_mask", score_mask, grad.shape[:2])
+    require_same_device(grad=grad, embeds=embeds, score_mask=score_mask)
+
+
 def _saliency_torch(grad, embeds, score_mask):
+    _check_saliency_args(grad, embeds, score_mask)
     # float64 inputs (tests' float64 models) keep float64 sums; the result is float32.
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
     dot = torch.linalg.vecdot(grad.to(acc), embeds.to(acc)).abs()
@@ -88,11 +103,28 @@ lib.impl("saliency", _saliency_torch, "CPU")
 
 
 def _saliency_cuda(grad, embeds, score_mask):
+    _check_saliency_args(grad, embeds, score_mask)
     use_triton = triton is not None and grad.dtype != torch.float64
     return (_saliency_triton if use_triton else _saliency_torch)(grad, embeds, score_mask)
 
 
 lib.impl("saliency", _saliency_cuda, "CUDA")
+
+
+def _saliency_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _saliency_backward(ctx, grad_out):
+    """d|sum_h g e| = sign(sum_h g e) (e dg + g de) on scored tokens (0 where the sum is 0)."""
+    grad, embeds, score_mask = ctx.saved_tensors
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    dot = torch.linalg.vecdot(grad.to(acc), embeds.to(acc))
+    coef = torch.where(score_mask != 0, torch.sign(dot) * grad_out.to(acc), 0.0)[..., None]
+    return (coef * embeds).to(grad.dtype), (coef * grad).to(embeds.dtype), None
+
+
+torch.library.register_autograd("oar::saliency", _saliency_backward, setup_context=_saliency_setup)
 CPU_BACKEND = "torch"
 CUDA_BACKEND = "triton" if triton is not None else "torch (triton not installed)"
 
@@ -118,6 +150,12 @@ def outcome_positions(attention_mask, answer_mask, mode):
     return last_pos, uses_last
 
 
+# The noise probes the embeddings' neighbourhood (1e-3 by default); beyond the embeddings'
+# own scale it measures another input, and large values overflow the model's norms into
+# all-zero scores.
+MAX_NOISE_STD = 1.0
+
+
 @contextlib.contextmanager
 def _frozen_parameters(model):
     """Parameters require no grad during the pass (so the backward reaches only the input
@@ -130,6 +168,19 @@ def _frozen_parameters(model):
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Dropout off for the pass (scores of a model in train mode would be random: the noised
+    and clean forwards would differ by their dropout masks); every module's mode after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _decode(model, embeds, attention_mask):
@@ -214,10 +265,10 @@ def clean_sequence_logprobs(model, input_ids, attention_mask):
     """Per-token logprobs [B, T] float32 of one clean batched forward (0 where undefined)."""
     if input_ids.numel() == 0:  # a decoder cannot run on no tokens
         return torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-    embeds = model.get_input_embeddings()(input_ids)
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
+        embeds = model.get_input_embeddings()(input_ids)
         hidden = _decode(model, embeds, attention_mask.long())
-    return _sequence_logprobs(model, hidden, input_ids, attention_mask.long())
+        return _sequence_logprobs(model, hidden, input_ids, attention_mask.long())
 
 
 def _gradient_importance_batch(
@@ -353,7 +404,7 @@ def require_finite_scores(scores: torch.Tensor, cause: str) -> None:
 
 
 def _check_gradient_arguments(mode, noise_std, generator, max_batch_tokens) -> float:
-    noise_std = require_real_in("noise_std", noise_std, 0.0)
+    noise_std = require_real_in("noise_std", noise_std, 0.0, MAX_NOISE_STD)
     if noise_std == 0 and mode != "answer_joint":
         raise ValueError(f"noise_std must be > 0 in mode {mode!r}: the KL's gradient is 0 at 0")
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -399,7 +450,7 @@ def run_gradient_importance(
             f"noise_std={noise_std} underflows to no noise in {weight.dtype}: the KL's gradient "
             "is 0 without noise"
         )
-    with _frozen_parameters(model), torch.enable_grad():
+    with _frozen_parameters(model), eval_mode(model), torch.enable_grad():
         for rows in _row_groups(shape[0], shape[1], max_batch_tokens):
             scores[rows], old_rows = _gradient_importance_batch(
                 model,
@@ -441,10 +492,12 @@ def gradient_importance(
     batch rules of `check_batch` hold (ValueError otherwise). B = 0 or T = 0: empty scores.
     mode: "answer_joint" (phi = mean answer logprob), "answer_mean" or "last" (KL of the
     outcome distribution); rows without an answer span use "last".
-    noise_std: sigma of the Gaussian noise on scored embeddings (0 allowed in answer_joint,
-    where rows falling back to "last" then score 0: a KL's gradient is 0 without noise).
+    noise_std: sigma of the Gaussian noise on scored embeddings, in [0, 1] (0 allowed in
+    answer_joint, where rows falling back to "last" then score 0: a KL's gradient is 0
+    without noise).
     generator: seeds the noise. max_batch_tokens: micro-batch rows so that rows x T stays under it.
-    Returns [B, T] float32 scores, 0 outside score_mask. Parameter .grad is never touched.
+    Returns [B, T] float32 scores, 0 outside score_mask. Parameter .grad is never touched; the
+    pass runs in eval mode (dropout off) and restores every module's mode.
     """
     scores, _ = run_gradient_importance(
         model,

@@ -21,6 +21,7 @@ from oar_kernels._checks import require_bool, require_int
 from oar_kernels.importance.gradient import (
     MODES,
     check_batch,
+    eval_mode,
     lm_head_parameters,
     outcome_positions,
     require_finite_scores,
@@ -180,6 +181,7 @@ def perturbation_importance(
     max_batch_tokens: bounds a micro-batch's recomputed tokens plus cached entries, so peak
     memory does not grow with the number of scored tokens R.
     Returns [B, T] float32 scores (0 outside score_mask), and PerturbationStats if asked.
+    The pass runs in eval mode (dropout off) and restores every module's mode.
     """
     attention_mask, score_mask, answer_mask = check_batch(
         model, input_ids, attention_mask, score_mask, answer_mask, mode
@@ -187,7 +189,7 @@ def perturbation_importance(
     mask_token_id = require_int("mask_token_id", mask_token_id, 0, vocab_size(model) - 1)
     max_batch_tokens = require_int("max_batch_tokens", max_batch_tokens, 1)
     require_bool("return_stats", return_stats)
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         scores, stats = _score_rows(
             model,
             input_ids,
