@@ -573,3 +573,49 @@ def test_expanded_out_is_a_clear_error(path):
             reshape._bilevel_weights_triton(*args, out=out)
         else:
             reshape._bilevel_weights_torch(*args, out=out)
+
+
+@pytest.mark.parametrize("method", ["gradient", "perturbation"])
+def test_importance_ignores_dropout_and_restores_the_mode(method):
+    from oar_kernels.testing import tiny_causal_lm
+
+    model = tiny_causal_lm("llama", seed=3)
+    model.config.attention_dropout = 0.5
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    gen = torch.Generator().manual_seed(15)
+    ids = torch.randint(1, 50, (2, 10), generator=gen)
+    attention = torch.ones(2, 10, dtype=torch.bool)
+    score = torch.zeros(2, 10, dtype=torch.bool)
+    score[:, 2:8] = True
+    answer = torch.zeros(2, 10, dtype=torch.bool)
+    answer[:, 8:] = True
+
+    def scores():
+        if method == "gradient":
+            noise = torch.Generator().manual_seed(0)
+            return ok.gradient_importance(
+                model, ids, attention, score, answer, mode="answer_mean", generator=noise
+            )
+        return ok.perturbation_importance(
+            model, ids, attention, score, answer, mode="answer_mean", mask_token_id=0
+        )
+
+    want = scores()  # eval mode
+    model.train()
+    got = [scores() for _ in range(2)]
+    assert model.training and all(m.training for m in model.modules())
+    for g in got:
+        assert torch.equal(g, want)
+
+
+def test_noise_std_beyond_one_is_refused():
+    from oar_kernels.testing import tiny_causal_lm
+
+    model = tiny_causal_lm("llama")
+    ids = torch.randint(1, 50, (1, 6))
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    score = mask.clone()
+    score[:, -2:] = False
+    with pytest.raises(ValueError, match="noise_std"):
+        ok.gradient_importance(model, ids, mask, score, ~score, noise_std=1e19)
