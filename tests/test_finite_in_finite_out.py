@@ -229,3 +229,55 @@ def test_minus_inf_logit_chunks_stay_finite(chunk_cols, monkeypatch):
     (lp.sum() + ent.sum()).backward()
     assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
     assert torch.isfinite(hidden.grad).all()
+
+
+def _valid_spans(gen, rows, length, left_pad):
+    """Ragged rows with a score span and (maybe) an answer span obeying check_batch's rules."""
+    attention = torch.zeros(rows, length, dtype=torch.bool)
+    score = torch.zeros_like(attention)
+    answer = torch.zeros_like(attention)
+    for r in range(rows):
+        size = int(torch.randint(2, length + 1, (1,), generator=gen))
+        start = length - size if left_pad else 0
+        attention[r, start : start + size] = True
+        answer_len = int(torch.randint(0, min(3, size - 1) + 1, (1,), generator=gen))
+        body_end = start + size - answer_len
+        answer[r, body_end : start + size] = True
+        score[r, start:body_end] = torch.rand(body_end - start, generator=gen) < 0.7
+    return attention, score, answer
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    method=st.sampled_from(["gradient", "perturbation"]),
+    mode=st.sampled_from(["answer_joint", "answer_mean", "last"]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    weight_scale=st.sampled_from([1e-3, 1.0, 30.0]),
+    left_pad=st.booleans(),
+    rows=st.integers(0, 3),
+    length=st.integers(2, 9),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_importance_and_oar_advantages_finite(
+    method, mode, dtype, weight_scale, left_pad, rows, length, seed
+):
+    from oar_kernels.testing import tiny_causal_lm
+
+    model = tiny_causal_lm("qwen2", seed=seed % 3).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(weight_scale)
+    gen = torch.Generator().manual_seed(seed)
+    attention, score, answer = _valid_spans(gen, rows, length, left_pad)
+    ids = torch.randint(1, 60, (rows, length), generator=gen)
+    advantages = torch.randn(rows, generator=gen)
+    extra = {"mask_token_id": 0} if method == "perturbation" else {}
+    try:
+        out = ok.oar_advantages(
+            model, ids, attention, score, answer, advantages, method=method, mode=mode, **extra
+        )
+    except ValueError as error:  # refused only when the model itself overflows
+        assert "non-finite" in str(error)
+        return
+    for name in ("advantages", "scores", "weights", "old_logprobs"):
+        assert torch.isfinite(getattr(out, name)).all(), name
