@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except ConfigError as error:  # bad config values, a missing checkpoint, a bad run dir
+    # Bad config values; an out_dir in use, unwritable or not a run; a missing or unreadable
+    # checkpoint.
+    except ConfigError as error:
         print(f"oar-kernels {args.command}: error: {error}", file=sys.stderr)
         return 2
 

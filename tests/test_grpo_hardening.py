@@ -25,6 +25,7 @@ from oar_kernels.grpo import loop, viz
 from oar_kernels.grpo import model as policy
 from oar_kernels.grpo.config import ConfigError, TrainConfig
 from oar_kernels.grpo.loop import CHECKPOINT, METRICS, Trainer, read_jsonl, train
+from oar_kernels.grpo.rollout import vllm_unavailable
 from oar_kernels.grpo.task import build_tokenizer
 
 TIMINGS = {"rollout_s", "advantage_s", "update_s"}
@@ -333,6 +334,17 @@ def test_every_config_field_has_a_bad_value_in_the_table():
 def test_config_refuses_each_bad_value_naming_its_field(name, value):
     with pytest.raises(ConfigError, match=rf"^{name} "):
         TrainConfig(**{name: value})
+
+
+def test_config_refuses_a_vllm_run_on_the_cpu():
+    with pytest.raises(ConfigError, match="rollout_backend='vllm' needs device 'cuda'"):
+        TrainConfig(rollout_backend="vllm", device="cpu")
+
+
+@pytest.mark.skipif(vllm_unavailable() is None, reason="vLLM can run here")
+def test_a_vllm_run_where_vllm_cannot_run_is_refused_before_the_warm_start(tmp_path, no_warm_start):
+    with pytest.raises(ConfigError, match="rollout_backend='vllm' needs"):
+        Trainer(tiny(tmp_path, rollout_backend="vllm", device="auto"))
 
 
 @pytest.mark.parametrize(

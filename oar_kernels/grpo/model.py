@@ -1,7 +1,8 @@
 """The embedded policy: a small Llama-config transformers model over the task's character
 tokenizer, warm-started by a short supervised phase on worked solutions so that GRPO starts
 from a model that is sometimes right. The warm start is cached on disk, keyed by everything
-that shapes it, so a second run (and every seed and method of the demo) skips it.
+that shapes it, so a second run (and every seed and method of the demo) skips it; an entry
+that cannot be loaded is trained again.
 """
 
 from __future__ import annotations
@@ -160,7 +161,8 @@ def replace_atomically(path: Path, write) -> None:
     own in the same directory: a run killed mid-write leaves the old file whole, and two
     processes writing one path at once each leave a whole file, never a mix of both."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A name of its own (mkstemp's would also do, but its files ignore the umask).
+    # A name of its own, so concurrent writers never share one (not mkstemp: its files are
+    # 0600 whatever the umask).
     partial = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         with open(partial, "xb") as file:

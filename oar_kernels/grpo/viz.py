@@ -19,7 +19,8 @@ WRAP = 64  # characters per heatmap line
 
 
 def load_run(run_dir: str | Path) -> dict:
-    """config, metrics and samples of one run directory (as `train` wrote them)."""
+    """config, metrics and samples of one run directory (as `train` wrote them); a line
+    torn by a crash is skipped with a warning."""
     import yaml
 
     run_dir = Path(run_dir)
