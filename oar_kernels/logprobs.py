@@ -505,9 +505,8 @@ def _token_logprobs_impl(hidden, weight, targets, bias, temperature, return_entr
     return chunked_forward(hidden, weight, targets, bias, temperature, return_entropy, fold)
 
 
-def _token_logprobs_backward_impl(
-    grad_logprobs, grad_entropy, hidden, weight, targets, bias, lse, entropy, temperature
-):
+def _token_logprobs_backward_impl(*args):
+    grad_logprobs, grad_entropy, hidden, weight, targets, bias, lse, entropy, temperature = args
     # Target values were checked by the forward; the shapes are checked again for raw callers.
     check_op_args(hidden, weight, targets, bias, temperature)
     rows = hidden.shape[:1]
@@ -518,18 +517,7 @@ def _token_logprobs_backward_impl(
         if grad_entropy.numel() and value.shape != rows:
             raise ValueError(f"{name} must be [N]={rows[0]} (or [0]), got {tuple(value.shape)}")
     _, logits_grad = chunk_steps(hidden)
-    return chunked_backward(
-        grad_logprobs,
-        grad_entropy,
-        hidden,
-        weight,
-        targets,
-        bias,
-        lse,
-        entropy,
-        temperature,
-        logits_grad=logits_grad,
-    )
+    return chunked_backward(*args, logits_grad=logits_grad)
 
 
 for _key in ("CPU", "CUDA"):

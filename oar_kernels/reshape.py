@@ -242,14 +242,7 @@ if triton is not None:
                 count = tl.zeros((), tl.int32)
                 for start in range(0, T, BLOCK):
                     u, m = _load_unit_scores(
-                        scores_row,
-                        mask_row,
-                        start + cols,
-                        T,
-                        stride_st,
-                        stride_mt,
-                        c_min,
-                        spread,
+                        scores_row, mask_row, start + cols, T, stride_st, stride_mt, c_min, spread
                     )
                     count += tl.sum((m & (u.to(tl.int32, bitcast=True) <= mid)).to(tl.int32))
             enough = count >= rank
@@ -281,14 +274,7 @@ if triton is not None:
                 mass = tl.zeros((), tl.float32)
                 for start in range(0, T, BLOCK):
                     u, m = _load_unit_scores(
-                        scores_row,
-                        mask_row,
-                        start + cols,
-                        T,
-                        stride_st,
-                        stride_mt,
-                        c_min,
-                        spread,
+                        scores_row, mask_row, start + cols, T, stride_st, stride_mt, c_min, spread
                     )
                     mass += tl.sum(tl.where(m, _bilevel(u, theta, beta, floor, EPS), 0.0))
             scale = n.to(tl.float32) / (mass + EPS)
