@@ -162,8 +162,11 @@ def _setup_context(ctx, inputs, output):
     # Only the loss is differentiable: the metrics and logprobs are reports (a gradient
     # through them would silently be 0, so autograd refuses it).
     ctx.mark_non_differentiable(metrics, logprobs, grad_hidden, grad_weight, grad_bias)
+    # Their incoming gradients would otherwise be materialised as zeros: a [V, H] buffer.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
     ctx.has_bias = inputs[8] is not None
+    ctx.backward_done = False
 
 
 def _backward(ctx, grad_loss, *_unused):
@@ -173,18 +176,37 @@ def _backward(ctx, grad_loss, *_unused):
         raise RuntimeError(
             "grpo_loss does not support double backward (backward with create_graph=True)"
         )
+    if grad_loss is None:  # only the reports were used (set_materialize_grads(False))
+        return (None,) * 13
+    traced = type(grad_loss) is not torch.Tensor  # by torch.compile: no mutation there
+    if ctx.backward_done and not traced:
+        raise RuntimeError(
+            "grpo_loss's backward runs once per call (its gradients are scaled in place to "
+            "save a copy of them); call grpo_loss again for another backward"
+        )
     grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
     scale = grad_loss.to(grad_hidden.dtype)
+    if traced:
+        return _scaled_gradients(ctx, grad_hidden * scale, grad_weight * scale, grad_bias * scale)
+    ctx.backward_done = True
+    # In place: a scaled copy would hold the gradients twice ([V, H] for the lm head).
+    return _scaled_gradients(
+        ctx, grad_hidden.mul_(scale), grad_weight.mul_(scale), grad_bias.mul_(scale)
+    )
+
+
+def _scaled_gradients(ctx, grad_hidden, grad_weight, grad_bias):
+    """The autograd backward's tuple: one entry per grpo_loss input."""
     return (
-        grad_hidden * scale,
-        grad_weight * scale,
+        grad_hidden,
+        grad_weight,
         None,
         None,
         None,
         None,
         None,
         None,
-        grad_bias * scale if ctx.has_bias else None,
+        grad_bias if ctx.has_bias else None,
         None,
         None,
         None,

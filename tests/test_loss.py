@@ -176,7 +176,21 @@ def test_gradcheck_float64():
             temperature=0.7,
         ).loss
 
-    assert torch.autograd.gradcheck(loss, (hidden, weight))
+    # gradcheck's reentrancy check runs backward twice through one graph, which grpo_loss
+    # refuses (it scales its gradients in place): central differences against one backward.
+    (analytic_h, analytic_w) = torch.autograd.grad(loss(hidden, weight), (hidden, weight))
+    for leaf, analytic in ((hidden, analytic_h), (weight, analytic_w)):
+        numeric = torch.zeros_like(leaf)
+        with torch.no_grad():
+            for i in range(leaf.numel()):
+                flat = leaf.view(-1)
+                flat[i] += 1e-6
+                up = loss(hidden, weight)
+                flat[i] -= 2e-6
+                down = loss(hidden, weight)
+                flat[i] += 1e-6
+                numeric.view(-1)[i] = (up - down) / 2e-6
+        assert_verbose_allclose(analytic, numeric, rtol=1e-5, atol=1e-7, name="gradient")
 
 
 def test_on_policy_ratio_is_one_and_gradient_is_minus_advantage():
@@ -274,3 +288,21 @@ def test_triton_chunk_steps_in_the_fused_loss(monkeypatch):
     (want_grad,) = torch.autograd.grad(want.loss, hidden)
     assert_verbose_allclose(got.loss, want.loss, rtol=1e-5, atol=1e-6, name="loss")
     assert_verbose_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-6, name="d hidden")
+
+
+def test_a_second_backward_through_one_loss_is_refused_not_doubled():
+    # The saved gradients are scaled in place (no second copy of them): autograd then refuses
+    # a second pass over the same graph instead of scaling twice.
+    gen = torch.Generator().manual_seed(8)
+    hidden = torch.randn(2, 3, 4, generator=gen, requires_grad=True)
+    weight = torch.randn(7, 4, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 7, (2, 3), generator=gen)
+    out = ok.grpo_loss(hidden, weight, targets, torch.ones(2), torch.ones(2, 3, dtype=torch.bool))
+    (3 * out.loss).backward(retain_graph=True)
+    first = hidden.grad.clone()
+    fresh = hidden.detach().clone().requires_grad_()
+    again = ok.grpo_loss(fresh, weight, targets, torch.ones(2), torch.ones(2, 3, dtype=torch.bool))
+    (3 * again.loss).backward()
+    assert torch.allclose(first, fresh.grad)
+    with pytest.raises(RuntimeError, match="once per call"):
+        out.loss.backward()
