@@ -45,12 +45,14 @@ lib.define(
 # (the loss is a scalar). Rows are tokens: hidden [N, H], targets/advantages/old/ref [N];
 # token_weight [N] is the loss_type's aggregation weight, metric_weight [N] the mask / count.
 # Returns loss [], metrics [3] (clip fraction, mean KL, mean ratio), logprobs [N] and the
-# gradients w.r.t. hidden, weight and bias (bias: [0] without one).
+# gradients w.r.t. hidden, weight and bias (bias: [0] without one). With compute_grads=False
+# (nothing needs them: no_grad, or no input requires grad) the gradients are [0] and the
+# backward walk is skipped.
 lib.define(
     "grpo_loss(Tensor hidden, Tensor weight, Tensor targets, Tensor advantages, "
     "Tensor token_weight, Tensor metric_weight, Tensor? old_logprobs, Tensor? ref_logprobs, "
-    "Tensor? bias, float epsilon_low, float epsilon_high, float beta, float temperature) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "Tensor? bias, float epsilon_low, float epsilon_high, float beta, float temperature, "
+    "bool compute_grads=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -79,15 +81,17 @@ def _grpo_loss_fake(
     epsilon_high,
     beta,
     temperature,
+    compute_grads=True,
 ):
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    grads = compute_grads
     return (
         hidden.new_empty((), dtype=acc),
         hidden.new_empty(3, dtype=acc),
         hidden.new_empty(hidden.shape[0], dtype=acc),
-        hidden.new_empty(hidden.shape),
-        weight.new_empty(weight.shape),
-        weight.new_empty(weight.shape[0] if bias is not None else 0),
+        hidden.new_empty(hidden.shape if grads else (0,)),
+        weight.new_empty(weight.shape if grads else (0,)),
+        weight.new_empty(weight.shape[0] if bias is not None and grads else 0),
     )
 
 

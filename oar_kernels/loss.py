@@ -106,6 +106,7 @@ def _grpo_loss_impl(
     epsilon_high,
     beta,
     temperature,
+    compute_grads=True,
 ):
     check_op_args(hidden, weight, targets, bias, temperature)
     _check_rows(
@@ -135,6 +136,9 @@ def _grpo_loss_impl(
     loss = _weighted(w, terms).sum()
     metrics = torch.stack([_weighted(m, x).sum() for x in (clipped, k3, ratio)])
     # The loss is linear in the per-token terms: its logprob gradient is w * d terms / d lp.
+    if not compute_grads:
+        nothing = hidden.new_empty(0)
+        return loss, metrics, logprobs, nothing, weight.new_empty(0), weight.new_empty(0)
     # Padding rows must not reach the weight gradient even when their hidden states hold
     # NaN (0 * NaN in the GEMM): they enter the backward as zeros.
     active = (w != 0) | (m != 0)
@@ -166,6 +170,7 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
     ctx.has_bias = inputs[8] is not None
+    ctx.has_grads = inputs[13] if len(inputs) > 13 else True
     ctx.backward_done = False
 
 
@@ -177,7 +182,9 @@ def _backward(ctx, grad_loss, *_unused):
             "grpo_loss does not support double backward (backward with create_graph=True)"
         )
     if grad_loss is None:  # only the reports were used (set_materialize_grads(False))
-        return (None,) * 13
+        return (None,) * 14
+    if not ctx.has_grads:
+        raise RuntimeError("grpo_loss was called with compute_grads=False: it has no gradients")
     traced = type(grad_loss) is not torch.Tensor  # by torch.compile: no mutation there
     if ctx.backward_done and not traced:
         raise RuntimeError(
@@ -207,6 +214,7 @@ def _scaled_gradients(ctx, grad_hidden, grad_weight, grad_bias):
         None,
         None,
         grad_bias if ctx.has_bias else None,
+        None,
         None,
         None,
         None,
@@ -284,6 +292,9 @@ def grpo_loss(
     weights = mask.to(accumulation_dtype(hidden.dtype))
     per_token_adv = advantages[:, None].expand(shape) if advantages.dim() == 1 else advantages
     flat = lambda t: None if t is None else t.detach().reshape(-1)  # noqa: E731
+    # Without a graph to feed (no_grad, or frozen tensors) the gradient walk is skipped.
+    differentiable = [t for t in (hidden, weight, bias) if t is not None]
+    compute_grads = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
     loss, metrics, logprobs, *_ = torch.ops.oar.grpo_loss(
         hidden.reshape(shape.numel(), hidden.shape[-1]),
         weight,
@@ -298,5 +309,6 @@ def grpo_loss(
         epsilon_high,
         beta,
         temperature,
+        compute_grads,
     )
     return GRPOLoss(loss, metrics[0], metrics[1], metrics[2], logprobs.reshape(shape))

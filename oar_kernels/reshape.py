@@ -66,7 +66,9 @@ def unit_scores(scores, mask) -> torch.Tensor:
     which the SPEC's u < theta tells apart); every other dtype computes in float32.
     """
     acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
-    c = torch.log1p(scores.to(acc).clamp_min(0))
+    x = scores.to(acc).clamp_min(0)
+    # log1p(x) = x to the last bit below eps; torch's log1p loses subnormals (1e-45 -> 0).
+    c = torch.where(x < torch.finfo(acc).eps, x, torch.log1p(x))
     c_min = torch.where(mask, c, torch.inf).amin(dim=1, keepdim=True)
     c_max = torch.where(mask, c, -torch.inf).amax(dim=1, keepdim=True)
     spread = c_max - c_min

@@ -306,3 +306,27 @@ def test_a_second_backward_through_one_loss_is_refused_not_doubled():
     assert torch.allclose(first, fresh.grad)
     with pytest.raises(RuntimeError, match="once per call"):
         out.loss.backward()
+
+
+def test_no_gradient_walk_without_a_graph_to_feed():
+    gen = torch.Generator().manual_seed(9)
+    hidden = torch.randn(2, 3, 4, generator=gen, requires_grad=True)
+    weight = torch.randn(7, 4, generator=gen)
+    targets = torch.randint(0, 7, (2, 3), generator=gen)
+    args = (targets, torch.ones(2), torch.ones(2, 3, dtype=torch.bool))
+    with_graph = ok.grpo_loss(hidden, weight, *args)
+    calls = []
+    real = loss_module.chunked_backward
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            loss_module, "chunked_backward", lambda *a, **k: calls.append(1) or real(*a, **k)
+        )
+        with torch.no_grad():
+            no_grad = ok.grpo_loss(hidden, weight, *args)
+        frozen = ok.grpo_loss(hidden.detach(), weight, *args)
+    assert calls == []
+    for out in (no_grad, frozen):
+        assert torch.equal(out.loss, with_graph.loss.detach()) and not out.loss.requires_grad
+    flat = (hidden.detach().reshape(6, 4), weight, targets.reshape(-1)) + (torch.ones(6),) * 3
+    raw = torch.ops.oar.grpo_loss(*flat, None, None, None, 0.2, 0.2, 0.0, 1.0, False)
+    assert [t.shape for t in raw[3:]] == [(0,), (0,), (0,)]
