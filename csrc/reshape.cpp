@@ -461,8 +461,11 @@ void check_params(double tau, double beta, double floor) {
   TORCH_CHECK_VALUE(floor >= 0.0 && floor <= 1.0, "floor must be [0.0, 1.0], got ", floor);
 }
 
+// check_finite is the Python kernels' opt-out of a host read-back; this kernel finds
+// non-finite scores while packing each row, at no cost, so it always refuses them.
 void bilevel_weights_into_cpu(const at::Tensor& scores, const at::Tensor& score_mask, double tau,
-                              double beta, double floor, bool preserve_mass, at::Tensor& out) {
+                              double beta, double floor, bool preserve_mass, at::Tensor& out,
+                              bool /*check_finite*/) {
   TORCH_CHECK_TYPE(at::isFloatingType(scores.scalar_type()),
                    "scores must have a floating-point dtype, got ", scores.scalar_type());
   TORCH_CHECK_TYPE(!at::isFloatingType(score_mask.scalar_type()) &&
@@ -497,10 +500,10 @@ void bilevel_weights_into_cpu(const at::Tensor& scores, const at::Tensor& score_
 }
 
 at::Tensor bilevel_weights_cpu(const at::Tensor& scores, const at::Tensor& score_mask, double tau,
-                               double beta, double floor, bool preserve_mass) {
+                               double beta, double floor, bool preserve_mass, bool check_finite) {
   at::Tensor out = at::empty(scores.sizes(), scores.options().dtype(at::kFloat),
                             at::MemoryFormat::Contiguous);
-  bilevel_weights_into_cpu(scores, score_mask, tau, beta, floor, preserve_mass, out);
+  bilevel_weights_into_cpu(scores, score_mask, tau, beta, floor, preserve_mass, out, check_finite);
   return out;
 }
 

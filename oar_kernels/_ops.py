@@ -10,19 +10,22 @@ import torch
 lib = torch.library.Library("oar", "DEF")
 
 # SPEC section 6. score_mask is bool; the weights are float32 and carry no gradient.
+# check_finite=False skips the value checks that read a flag back to the host (a sync per
+# call on a GPU): non-finite scores then give unspecified weights (the C++ CPU kernel checks
+# anyway, at no cost).
 lib.define(
     "bilevel_weights(Tensor scores, Tensor score_mask, float tau, float beta, float floor, "
-    "bool preserve_mass) -> Tensor"
+    "bool preserve_mass, bool check_finite=True) -> Tensor"
 )
 # Writes the weights into a preallocated float32 [B, T] `out` (tests poison it first).
 lib.define(
     "bilevel_weights_into(Tensor scores, Tensor score_mask, float tau, float beta, float floor, "
-    "bool preserve_mass, Tensor(a!) out) -> ()"
+    "bool preserve_mass, Tensor(a!) out, bool check_finite=True) -> ()"
 )
 # advantages: [B] or [B, T]; returns A_{b,t} = A_b * w_{b,t} as float32 [B, T].
 lib.define(
     "reshape_advantages(Tensor advantages, Tensor scores, Tensor score_mask, float tau, "
-    "float beta, float floor, bool preserve_mass) -> Tensor"
+    "float beta, float floor, bool preserve_mass, bool check_finite=True) -> Tensor"
 )
 
 
@@ -116,15 +119,19 @@ def _token_logprobs_backward_fake(
 
 
 @torch.library.register_fake("oar::bilevel_weights")
-def _bilevel_weights_fake(scores, score_mask, tau, beta, floor, preserve_mass):
+def _bilevel_weights_fake(scores, score_mask, tau, beta, floor, preserve_mass, check_finite=True):
     return scores.new_empty(scores.shape, dtype=torch.float32)
 
 
 @torch.library.register_fake("oar::bilevel_weights_into")
-def _bilevel_weights_into_fake(scores, score_mask, tau, beta, floor, preserve_mass, out):
+def _bilevel_weights_into_fake(
+    scores, score_mask, tau, beta, floor, preserve_mass, out, check_finite=True
+):
     return None
 
 
 @torch.library.register_fake("oar::reshape_advantages")
-def _reshape_advantages_fake(advantages, scores, score_mask, tau, beta, floor, preserve_mass):
+def _reshape_advantages_fake(
+    advantages, scores, score_mask, tau, beta, floor, preserve_mass, check_finite=True
+):
     return scores.new_empty(scores.shape, dtype=torch.float32)

@@ -75,7 +75,7 @@ def unit_scores(scores, mask) -> torch.Tensor:
     return torch.where(mask, (c - c_min) / torch.where(spread > 0, spread, 1.0), 0.0)
 
 
-def _check_op_args(scores, score_mask, tau, beta, floor, preserve_mass, out):
+def _check_op_args(scores, score_mask, tau, beta, floor, preserve_mass, out, check_finite):
     """Every kernel's own checks: callers of torch.ops.oar.* bypass the public wrappers."""
     scores, mask, *params = _check_args(scores, score_mask, tau, beta, floor, preserve_mass)
     if out.shape != scores.shape or out.dtype != torch.float32 or out.device != scores.device:
@@ -85,7 +85,8 @@ def _check_op_args(scores, score_mask, tau, beta, floor, preserve_mass, out):
         )
     if torch._debug_has_internal_overlap(out) == 1:  # an expanded tensor
         raise ValueError("out must not have overlapping elements (an expanded tensor)")
-    require_finite("scores", scores, where=mask)
+    if require_bool("check_finite", check_finite):
+        require_finite("scores", scores, where=mask)
     return scores, mask, *params
 
 
@@ -127,10 +128,12 @@ def bilevel_weights_reference(
 # ----------------------------------------------------------------- vectorized torch path
 
 
-def _bilevel_weights_torch(scores, score_mask, tau, beta, floor, preserve_mass, *, out):
+def _bilevel_weights_torch(
+    scores, score_mask, tau, beta, floor, preserve_mass, check_finite=True, *, out
+):
     """Whole batch at once: a row sort gives both order statistics of the quantile."""
     scores, mask, tau, beta, floor, preserve_mass = _check_op_args(
-        scores, score_mask, tau, beta, floor, preserve_mass, out
+        scores, score_mask, tau, beta, floor, preserve_mass, out, check_finite
     )
     if out.numel() == 0:
         return
@@ -293,7 +296,7 @@ if triton is not None:
 
 
 def _bilevel_weights_triton(
-    scores, score_mask, tau, beta, floor, preserve_mass, *, out, block_size=None
+    scores, score_mask, tau, beta, floor, preserve_mass, check_finite=True, *, out, block_size=None
 ):
     """One launch for the ragged batch, one program per row.
 
@@ -301,16 +304,15 @@ def _bilevel_weights_triton(
     `block_size` overrides the row chunk (a power of two) so tests can force multi-chunk rows.
     """
     scores, mask, tau, beta, floor, preserve_mass = _check_op_args(
-        scores, score_mask, tau, beta, floor, preserve_mass, out
+        scores, score_mask, tau, beta, floor, preserve_mass, out, check_finite
     )
     B, T = scores.shape
     if out.numel() == 0:
         return
-    # float32 cannot hold every float64 score (nor its log1p's spread): normalise first.
     if scores.dtype == torch.float64:
         # The kernel computes in float32, which cannot follow float64 scores over their whole
         # range (see unit_scores): they take the torch path, in float64.
-        _bilevel_weights_torch(scores, mask, tau, beta, floor, preserve_mass, out=out)
+        _bilevel_weights_torch(scores, mask, tau, beta, floor, preserve_mass, False, out=out)
         return
     if scores.dtype != torch.float32:
         # Half-precision subnormals did not survive the kernel's own widening (bfloat16 in
@@ -346,13 +348,15 @@ def _bilevel_weights_triton(
 
 
 def _register_bilevel_weights(dispatch_key: str, weights_into) -> None:
-    def functional(scores, score_mask, tau, beta, floor, preserve_mass):
+    def functional(scores, score_mask, tau, beta, floor, preserve_mass, check_finite=True):
         out = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
-        weights_into(scores, score_mask, tau, beta, floor, preserve_mass, out=out)
+        args = (scores, score_mask, tau, beta, floor, preserve_mass, check_finite)
+        weights_into(*args, out=out)
         return out
 
-    def into(scores, score_mask, tau, beta, floor, preserve_mass, out):
-        weights_into(scores, score_mask, tau, beta, floor, preserve_mass, out=out)
+    def into(scores, score_mask, tau, beta, floor, preserve_mass, out, check_finite=True):
+        args = (scores, score_mask, tau, beta, floor, preserve_mass, check_finite)
+        weights_into(*args, out=out)
 
     lib.impl("bilevel_weights", functional, dispatch_key)
     lib.impl("bilevel_weights_into", into, dispatch_key)
@@ -368,16 +372,19 @@ _register_bilevel_weights(
 )
 
 
-def weigh_advantages(advantages, weights):
+def weigh_advantages(advantages, weights, check_finite: bool = True):
     """A_{b,t} = A_b * w_{b,t} as float32 [B, T]; advantages [B] or [B, T], finite.
 
     The product is taken in the advantages' precision and must fit the float32 result:
-    float64 advantages of 1e39 are an error, not a silent inf.
+    float64 advantages of 1e39 are an error, not a silent inf (unless check_finite=False,
+    which skips this check's read-back to the host).
     """
     per_row = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     acc = torch.float64 if advantages.dtype == torch.float64 else torch.float32
     weighted = (weights.to(acc) * per_row.to(acc)).to(torch.float32)
-    if weighted.numel() and not bool(torch.isfinite(weighted).all()):
+    if not check_finite or weighted.numel() == 0:
+        return weighted
+    if not bool(torch.isfinite(weighted).all()):
         require_finite("advantages", advantages)
         raise ValueError(
             "advantages times their weights overflow the float32 result "
@@ -387,10 +394,14 @@ def weigh_advantages(advantages, weights):
     return weighted
 
 
-def _reshape_advantages_impl(advantages, scores, score_mask, tau, beta, floor, preserve_mass):
-    weights = torch.ops.oar.bilevel_weights(scores, score_mask, tau, beta, floor, preserve_mass)
+def _reshape_advantages_impl(
+    advantages, scores, score_mask, tau, beta, floor, preserve_mass, check_finite=True
+):
+    weights = torch.ops.oar.bilevel_weights(
+        scores, score_mask, tau, beta, floor, preserve_mass, check_finite
+    )
     check_advantages(advantages, scores)  # after the weights op has checked scores
-    return weigh_advantages(advantages, weights)
+    return weigh_advantages(advantages, weights, check_finite)
 
 
 lib.impl("reshape_advantages", _reshape_advantages_impl, "CompositeExplicitAutograd")
@@ -410,7 +421,7 @@ def _reshape_advantages_backward(ctx, grad):
     grad_advantages = grad * weights
     if len(ctx.advantages_shape) == 1:
         grad_advantages = grad_advantages.sum(dim=1)
-    return (grad_advantages.to(ctx.advantages_dtype),) + (None,) * 6
+    return (grad_advantages.to(ctx.advantages_dtype),) + (None,) * len(ctx.reshape_args)
 
 
 torch.library.register_autograd(
@@ -442,18 +453,24 @@ def bilevel_weights(
     beta: float = BETA,
     floor: float = FLOOR,
     preserve_mass: bool = True,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Bi-Level token weights from importance scores (SPEC section 6).
 
     scores: [B, T] any float dtype, finite where scored (negative scores count as 0).
     score_mask: [B, T] bool or int, the tokens whose weights are reshaped.
+    check_finite: False skips the NaN/Inf check of the scores, which reads a flag back to the
+    host (a sync per call on a GPU); non-finite scores then give unspecified weights.
     Returns [B, T] float32: 1 outside score_mask, mean weight 1 over each row's scored
     tokens when preserve_mass. Weights are constants (no gradient flows to scores).
     """
     scores, mask, tau, beta, floor, preserve_mass = _check_args(
         scores, score_mask, tau, beta, floor, preserve_mass
     )
-    return torch.ops.oar.bilevel_weights(scores, mask, tau, beta, floor, preserve_mass)
+    check_finite = require_bool("check_finite", check_finite)
+    return torch.ops.oar.bilevel_weights(
+        scores, mask, tau, beta, floor, preserve_mass, check_finite
+    )
 
 
 def reshape_advantages(
@@ -465,17 +482,20 @@ def reshape_advantages(
     beta: float = BETA,
     floor: float = FLOOR,
     preserve_mass: bool = True,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Per-token advantages A_{b,t} = A_b * w_{b,t} (SPEC sections 6 and 8).
 
     advantages: [B] (one per sequence, as GRPO computes) or [B, T], any float dtype.
-    scores, score_mask: as in `bilevel_weights`.
+    scores, score_mask, check_finite: as in `bilevel_weights` (check_finite=False also skips
+    the check that the weighted advantages fit float32).
     Returns [B, T] float32. Positive and negative advantages get the same weights.
     """
     scores, mask, tau, beta, floor, preserve_mass = _check_args(
         scores, score_mask, tau, beta, floor, preserve_mass
     )
     check_advantages(advantages, scores)
+    check_finite = require_bool("check_finite", check_finite)
     return torch.ops.oar.reshape_advantages(
-        advantages.detach(), scores, mask, tau, beta, floor, preserve_mass
+        advantages.detach(), scores, mask, tau, beta, floor, preserve_mass, check_finite
     )

@@ -632,3 +632,46 @@ def test_reshape_keeps_every_bit_of_subnormal_scores(path):
     expected = reshape.bilevel_weights_reference(scores, mask, **DEFAULTS)
     got = _weights_by_path(path, scores, mask)
     assert_verbose_allclose(got, expected, rtol=1e-4, atol=1e-5, name=path)
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten calls that read a value back to the host (a sync on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("path", ["torch", "triton", "public"])
+def test_reshape_without_finite_checks_reads_nothing_back(path):
+    gen = torch.Generator().manual_seed(16)
+    scores, mask = torch.rand(4, 64, generator=gen), torch.rand(4, 64, generator=gen) < 0.8
+    advantages = torch.randn(4, generator=gen)
+    if path == "triton":
+        device = triton_device_or_skip(reshape.triton)
+        scores, mask, advantages = scores.to(device), mask.to(device), advantages.to(device)
+
+    def run(check_finite):
+        out = torch.empty(scores.shape, device=scores.device)
+        if path == "public":
+            return ok.reshape_advantages(advantages, scores, mask, check_finite=check_finite)
+        kernel = (
+            reshape._bilevel_weights_torch if path == "torch" else reshape._bilevel_weights_triton
+        )
+        kernel(scores, mask, 0.25, 1.0, 0.1, True, check_finite, out=out)
+        return reshape.weigh_advantages(advantages, out, check_finite)
+
+    counts = {}
+    for check_finite in (True, False):
+        with _HostReads() as reads:
+            run(check_finite)
+        counts[check_finite] = reads.count
+    assert counts[False] == 0
+    if path != "public" or not _extension.LOADED:  # the C++ kernel checks without a sync
+        assert counts[True] > 0
+    assert torch.equal(run(False), run(True))
