@@ -108,6 +108,18 @@ def test_config_reads_yaml_and_flags_win(tmp_path):
     assert (config.method, config.steps, config.lr) == ("grpo", 7, 1.0)
 
 
+def test_yaml_exponent_floats_are_numbers(tmp_path):
+    # PyYAML reads 1e-4 (no dot) as a string; float fields take it as the number.
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 1e-4\ntemperature: 7E-1\nsteps: 3\n")
+    config = TrainConfig.from_yaml(path)
+    assert (config.lr, config.temperature, config.steps) == (1e-4, 0.7, 3)
+    for text, field in (("lr: fast", "lr"), ("lr: .nan", "lr"), ("steps: 1e1", "steps")):
+        path.write_text(text + "\n")
+        with pytest.raises(ConfigError, match=field):
+            TrainConfig.from_yaml(path)
+
+
 def test_training_raises_held_out_accuracy_above_the_warm_start(cache, tmp_path):
     """The default task and model, a short OAR-G run on the CPU: held-out sampled pass@1 must
     rise above the warm start's (0.512 -> 0.594 on the 2-core dev machine)."""

@@ -107,7 +107,7 @@ class TrainConfig:
             raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-        return cls.from_dict({**values, **overrides})
+        return cls.from_dict({**_yaml_floats(values), **overrides})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -175,6 +175,20 @@ _CHOICES = {
     "rollout_backend": BACKENDS,
     "device": DEVICES,
 }
+
+
+def _yaml_floats(values: dict) -> dict:
+    """YAML 1.1 (PyYAML) reads `1e-4` as a string (its floats need a dot, `1.0e-4`): float
+    fields take such strings as the numbers they spell."""
+    types = field_types()
+    parsed = dict(values)
+    for name, value in values.items():
+        if types.get(name) is float and isinstance(value, str):
+            try:
+                parsed[name] = float(value)
+            except ValueError:
+                pass  # left as it is: _coerce names the field and the bad value
+    return parsed
 
 
 def _coerce(name: str, annotation: str, value):
