@@ -26,13 +26,18 @@ def backends() -> dict[str, dict[str, str]]:
         "saliency": gradient,
     }
     has_cuda = torch.cuda.is_available()
-    return {
-        op: {
-            "cpu": module.CPU_BACKEND,
-            "cuda": module.CUDA_BACKEND if has_cuda else "no CUDA device",
-        }
+    table = {
+        op: {"cpu": module.CPU_BACKEND, "cuda": module.CUDA_BACKEND}
         for op, module in families.items()
     }
+    # The lm-head ops follow OAR_KERNELS_LOGPROB_BACKEND (grpo_loss walks the same kernels).
+    for device in ("cpu", "cuda"):
+        table["token_logprobs"][device] = logprobs.backend_name(device)
+        table["grpo_loss"][device] = "fused loss: " + logprobs.backend_name(device)
+    if not has_cuda:
+        for per_device in table.values():
+            per_device["cuda"] = "no CUDA device"
+    return table
 
 
 def _device_name() -> str:
@@ -48,6 +53,8 @@ def report() -> str:
         f"numpy       {_version('numpy')}",
         f"cuda        {_device_name()}",
         f"extension   {_extension.STATUS}",
+        f"lm head     {logprobs.logprob_backend()} ({logprobs.BACKEND_VARIABLE}: "
+        f"{' or '.join(logprobs.LOGPROB_BACKENDS)}; fused runs on CUDA)",
         "ops:",
     ]
     for op, per_device in backends().items():

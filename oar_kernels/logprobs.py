@@ -14,6 +14,8 @@ chunks in float32. No chunk exceeds CHUNK_BYTES of float32 logits (bar the minim
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from oar_kernels._checks import (
@@ -37,6 +39,8 @@ CHUNK_BYTES = {"cpu": 8 * 2**20, "cuda": 512 * 2**20}
 MIN_CHUNK_ROWS = 32
 MIN_CHUNK_COLS = 256
 BLOCK_V = 4096
+# Under the Triton interpreter (no GPU) the Triton kernels run on CPU tensors.
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Logits are divided by the temperature; below this they overflow float32 for any |logit| > 1e32.
 MIN_TEMPERATURE = 1e-6
 
@@ -474,12 +478,96 @@ def _backward_by_vocab(
     return grad_hidden.to(hidden.dtype), grad_weight, grad_bias
 
 
+def reduce_chunk_grads(hidden, weight, with_bias: bool, chunk_grad):
+    """(d hidden, d weight, d bias) from chunks of the logits gradient that
+    chunk_grad(rows: slice, cols: slice) returns as [rows, cols] tensors; walked along the
+    longer of rows and vocabulary as chunked_backward does (the fused backend's reducer)."""
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    if vocab < rows:
+        grads = LmHeadGrads(hidden, weight, with_bias)
+        for chunk in row_chunks(rows, vocab, hidden.device):
+            grads.add(chunk, chunk_grad(chunk, slice(0, vocab)))
+        return grads.result()
+    acc = accumulation_dtype(weight.dtype)
+    grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
+    # NaN-filled so a column range the chunk walk missed cannot pass as a value.
+    grad_weight = torch.full(weight.shape, float("nan"), dtype=weight.dtype, device=weight.device)
+    grad_bias = torch.full(
+        (vocab if with_bias else 0,), float("nan"), dtype=weight.dtype, device=weight.device
+    )
+    for cols in vocab_chunks(rows, vocab, hidden.device):
+        grad = chunk_grad(slice(0, rows), cols)
+        add_matmul(grad_hidden, grad, weight[cols])
+        torch.mm(grad.T, hidden, out=grad_weight[cols])
+        if with_bias:
+            grad_bias[cols] = grad.sum(dim=0, dtype=acc)
+    return grad_hidden.to(hidden.dtype), grad_weight, grad_bias
+
+
 # ------------------------------------------------------------------------ registration
 
 CPU_BACKEND = "chunked BLAS GEMM + torch logsumexp"
 CUDA_BACKEND = (
     "chunked cuBLAS GEMM + Triton fold" if triton is not None else "chunked cuBLAS GEMM + torch"
 )
+FUSED_CUDA_BACKEND = "fused Triton GEMM+logsumexp fwd, Triton recompute + cuBLAS bwd"
+# The CUDA backend of token_logprobs and grpo_loss, read at every call. "fused" stays opt-in
+# until a committed GPU measurement shows it faster (issue 12); CPU always runs chunked.
+BACKEND_VARIABLE = "OAR_KERNELS_LOGPROB_BACKEND"
+LOGPROB_BACKENDS = ("chunked", "fused")
+
+
+def logprob_backend() -> str:
+    """The backend named by OAR_KERNELS_LOGPROB_BACKEND ("chunked" when unset)."""
+    name = os.environ.get(BACKEND_VARIABLE, "chunked").strip().lower() or "chunked"
+    if name not in LOGPROB_BACKENDS:
+        raise ValueError(f"{BACKEND_VARIABLE} must be one of {LOGPROB_BACKENDS}, got {name!r}")
+    return name
+
+
+def backend_name(device: str) -> str:
+    """What token_logprobs runs on `device` ("cpu" or "cuda") under the current
+    OAR_KERNELS_LOGPROB_BACKEND."""
+    fused = logprob_backend() == "fused" and triton is not None
+    if device == "cuda":
+        return FUSED_CUDA_BACKEND if fused else CUDA_BACKEND
+    return f"{FUSED_CUDA_BACKEND} (interpreted)" if fused and TRITON_INTERPRETED else CPU_BACKEND
+
+
+def uses_fused(hidden: torch.Tensor) -> bool:
+    """The fused kernels serve CUDA float32/half inputs when selected (CPU inputs too under
+    TRITON_INTERPRET=1, which is how they are tested); float64 (gradcheck) and CPU inputs
+    take the chunked walk."""
+    return (
+        triton is not None
+        and (hidden.is_cuda or TRITON_INTERPRETED)
+        and hidden.dtype != torch.float64
+        and logprob_backend() == "fused"
+    )
+
+
+def lm_head_forward(hidden, weight, targets, bias, temperature, return_entropy):
+    """(logprobs, entropy, lse) through the selected backend; targets already int64."""
+    if uses_fused(hidden):
+        from oar_kernels import logprobs_fused
+
+        check_targets(targets, weight.shape[0])
+        return logprobs_fused.fused_forward(
+            hidden, weight, targets, bias, temperature, return_entropy
+        )
+    fold, _ = chunk_steps(hidden)
+    return chunked_forward(hidden, weight, targets, bias, temperature, return_entropy, fold)
+
+
+def lm_head_backward(*args):
+    """(d hidden, d weight, d bias) through the selected backend; args as
+    token_logprobs_backward's."""
+    if uses_fused(args[2]):
+        from oar_kernels import logprobs_fused
+
+        return logprobs_fused.fused_backward(*args)
+    _, logits_grad = chunk_steps(args[2])
+    return chunked_backward(*args, logits_grad=logits_grad)
 
 
 def chunk_steps(hidden: torch.Tensor):
@@ -501,8 +589,7 @@ def check_op_args(hidden, weight, targets, bias, temperature) -> None:
 
 def _token_logprobs_impl(hidden, weight, targets, bias, temperature, return_entropy):
     check_op_args(hidden, weight, targets, bias, temperature)
-    fold, _ = chunk_steps(hidden)
-    return chunked_forward(hidden, weight, targets, bias, temperature, return_entropy, fold)
+    return lm_head_forward(hidden, weight, targets.long(), bias, temperature, return_entropy)
 
 
 def _token_logprobs_backward_impl(*args):
@@ -516,8 +603,7 @@ def _token_logprobs_backward_impl(*args):
     for name, value in (("grad_entropy", grad_entropy), ("entropy", entropy)):
         if grad_entropy.numel() and value.shape != rows:
             raise ValueError(f"{name} must be [N]={rows[0]} (or [0]), got {tuple(value.shape)}")
-    _, logits_grad = chunk_steps(hidden)
-    return chunked_backward(*args, logits_grad=logits_grad)
+    return lm_head_backward(*args[:4], targets.long(), *args[5:])
 
 
 for _key in ("CPU", "CUDA"):
