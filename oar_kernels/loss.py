@@ -26,15 +26,15 @@ from oar_kernels.logprobs import (
     accumulation_dtype,
     check_lm_head,
     check_op_args,
-    chunk_steps,
-    chunked_backward,
-    chunked_forward,
+    lm_head_backward,
+    lm_head_forward,
 )
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
-# The loss walks the same chunks with the same steps as token_logprobs.
-CPU_BACKEND = "fused: " + logprobs.CPU_BACKEND
-CUDA_BACKEND = "fused: " + logprobs.CUDA_BACKEND
+# The loss walks the same chunks with the same steps as token_logprobs (oar-kernels info
+# names the CUDA one, which follows OAR_KERNELS_LOGPROB_BACKEND).
+CPU_BACKEND = "fused loss: " + logprobs.CPU_BACKEND
+CUDA_BACKEND = "fused loss: " + logprobs.CUDA_BACKEND
 
 
 class GRPOLoss(NamedTuple):
@@ -120,9 +120,8 @@ def _grpo_loss_impl(
     _check_scalars(epsilon_low, epsilon_high, beta)
     if beta > 0 and ref_logprobs is None:
         raise ValueError("beta > 0 needs ref_logprobs")
-    fold, logits_grad = chunk_steps(hidden)
-    logprobs, no_entropy, lse = chunked_forward(
-        hidden, weight, targets, bias, temperature, False, fold
+    logprobs, no_entropy, lse = lm_head_forward(
+        hidden, weight, targets.long(), bias, temperature, False
     )
     acc = logprobs.dtype
     old = logprobs if old_logprobs is None else old_logprobs.to(acc)
@@ -142,17 +141,16 @@ def _grpo_loss_impl(
     # Padding rows must not reach the weight gradient even when their hidden states hold
     # NaN (0 * NaN in the GEMM): they enter the backward as zeros.
     active = (w != 0) | (m != 0)
-    grads = chunked_backward(
+    grads = lm_head_backward(
         _weighted(w, dterms),
         no_entropy,
         torch.where(active[:, None], hidden, 0.0),
         weight,
-        targets,
+        targets.long(),
         bias,
         lse,
         no_entropy,
         temperature,
-        logits_grad,
     )
     return (loss, metrics, logprobs, *grads)
 

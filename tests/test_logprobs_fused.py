@@ -154,6 +154,46 @@ def test_masked_vocabulary_and_extreme_logits(device):
     assert lp.isfinite().all() and ent.isfinite().all() and (lp <= 0).all()
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+@pytest.mark.parametrize("with_kl", [False, True], ids=["no-kl", "kl"])
+def test_grpo_loss_fused_matches_chunked(device, loss_type, with_kl, fused_calls, monkeypatch):
+    """grpo_loss on the fused kernels equals the chunked walk (itself tested against the
+    float64 formula in test_loss.py), loss and gradients."""
+    hidden, weight, targets, bias = _problem(24, 16, 500, seed=6, device=device, bias=True)
+    gen = torch.Generator().manual_seed(7)
+    shape = (4, 6)
+    advantages = torch.randn(shape, generator=gen).to(device)
+    mask = (torch.rand(shape, generator=gen) < 0.8).to(device)
+    old = (torch.randn(shape, generator=gen) * 0.3 - 6).to(device)
+    ref = (torch.randn(shape, generator=gen) * 0.3 - 6).to(device) if with_kl else None
+
+    def run(backend):
+        monkeypatch.setenv(logprobs.BACKEND_VARIABLE, backend)
+        leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+        out = ok.grpo_loss(
+            leaves[0].reshape(*shape, -1),
+            leaves[1],
+            targets.reshape(shape),
+            advantages,
+            mask,
+            old_logprobs=old,
+            ref_logprobs=ref,
+            bias=leaves[2],
+            loss_type=loss_type,
+            beta=0.04 if with_kl else 0.0,
+            temperature=0.9,
+        )
+        out.loss.backward()
+        return [out.loss, out.mean_kl, out.logprobs, *(t.grad for t in leaves)]
+
+    got = run("fused")
+    assert fused_calls == ["fused_forward", "fused_backward"]
+    for name, got, want in zip(
+        ("loss", "kl", "logprobs", "d hidden", "d weight", "d bias"), got, run("chunked")
+    ):
+        assert_verbose_allclose(got, want, rtol=2e-5, atol=2e-6, name=f"fused {name}")
+
+
 def test_bad_backend_name_is_a_clear_error(monkeypatch):
     monkeypatch.setenv(logprobs.BACKEND_VARIABLE, "fastest")
     hidden, weight, targets, _ = _problem(2, 8, 10, seed=0, device="cpu")
