@@ -194,6 +194,33 @@ def test_grpo_loss_fused_matches_chunked(device, loss_type, with_kl, fused_calls
         assert_verbose_allclose(got, want, rtol=2e-5, atol=2e-6, name=f"fused {name}")
 
 
+def test_opcheck_and_compile_on_the_fused_backend(device, fused_calls):
+    hidden, weight, targets, bias = _problem(9, 16, 70, seed=10, device=device, bias=True)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    torch.library.opcheck(
+        torch.ops.oar.token_logprobs.default, (hidden, weight, targets, bias, 0.9, True)
+    )
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    def loss(h, w):
+        lp, ent = ok.token_logprobs(h, w, targets, bias=bias, temperature=0.9, return_entropy=True)
+        return -(lp.mean() + 0.01 * ent.mean())
+
+    fused_calls.clear()
+    compiled = loss(hidden, weight)
+    grads = torch.autograd.grad(compiled, (hidden, weight))
+    assert fused_calls == ["fused_forward", "fused_backward"]
+    lp, ent = ok.token_logprobs(
+        hidden, weight, targets, bias=bias, temperature=0.9, return_entropy=True
+    )
+    eager = -(lp.mean() + 0.01 * ent.mean())
+    assert torch.allclose(compiled, eager)
+    for got, want in zip(grads, torch.autograd.grad(eager, (hidden, weight))):
+        assert torch.allclose(got, want, atol=1e-6)
+
+
 def test_bad_backend_name_is_a_clear_error(monkeypatch):
     monkeypatch.setenv(logprobs.BACKEND_VARIABLE, "fastest")
     hidden, weight, targets, _ = _problem(2, 8, 10, seed=0, device="cpu")
