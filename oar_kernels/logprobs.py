@@ -26,12 +26,7 @@ from oar_kernels._checks import (
     require_tensor,
 )
 from oar_kernels._ops import lib
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+from oar_kernels._triton import INTERPRETED, on_device_of, tl, triton
 
 # Bytes of chunk logits the driver keeps alive at once (float32 logits of rows x V).
 CHUNK_BYTES = {"cpu": 8 * 2**20, "cuda": 512 * 2**20}
@@ -39,8 +34,6 @@ CHUNK_BYTES = {"cpu": 8 * 2**20, "cuda": 512 * 2**20}
 MIN_CHUNK_ROWS = 32
 MIN_CHUNK_COLS = 256
 BLOCK_V = 4096
-# Under the Triton interpreter (no GPU) the Triton kernels run on CPU tensors.
-TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Logits are divided by the temperature; below this they overflow float32 for any |logit| > 1e32.
 MIN_TEMPERATURE = 1e-6
 
@@ -263,36 +256,38 @@ def _vocab_block(vocab: int) -> int:
 
 def _fold_triton(logits, targets, temperature, state: FoldState):
     with_entropy = state.dot.numel() > 0
-    _fold_kernel[(logits.shape[0],)](
-        logits,
-        logits.stride(0),
-        targets,
-        state.max,
-        state.sum,
-        state.dot if with_entropy else state.sum,
-        state.target,
-        logits.shape[1],
-        temperature,
-        WITH_ENTROPY=with_entropy,
-        BLOCK_V=_vocab_block(logits.shape[1]),
-    )
+    with on_device_of(logits):
+        _fold_kernel[(logits.shape[0],)](
+            logits,
+            logits.stride(0),
+            targets,
+            state.max,
+            state.sum,
+            state.dot if with_entropy else state.sum,
+            state.target,
+            logits.shape[1],
+            temperature,
+            WITH_ENTROPY=with_entropy,
+            BLOCK_V=_vocab_block(logits.shape[1]),
+        )
 
 
 def _logits_grad_triton(logits, targets, lse, entropy, grad_logprobs, grad_entropy, temperature):
     with_entropy = grad_entropy is not None
-    _logits_grad_kernel[(logits.shape[0],)](
-        logits,
-        logits.stride(0),
-        targets,
-        lse,
-        entropy if with_entropy else lse,
-        grad_logprobs,
-        grad_entropy if with_entropy else grad_logprobs,
-        logits.shape[1],
-        temperature,
-        WITH_ENTROPY=with_entropy,
-        BLOCK_V=_vocab_block(logits.shape[1]),
-    )
+    with on_device_of(logits):
+        _logits_grad_kernel[(logits.shape[0],)](
+            logits,
+            logits.stride(0),
+            targets,
+            lse,
+            entropy if with_entropy else lse,
+            grad_logprobs,
+            grad_entropy if with_entropy else grad_logprobs,
+            logits.shape[1],
+            temperature,
+            WITH_ENTROPY=with_entropy,
+            BLOCK_V=_vocab_block(logits.shape[1]),
+        )
 
 
 # ------------------------------------------------------------------------ chunked driver
@@ -531,7 +526,7 @@ def backend_name(device: str) -> str:
     fused = logprob_backend() == "fused" and triton is not None
     if device == "cuda":
         return FUSED_CUDA_BACKEND if fused else CUDA_BACKEND
-    return f"{FUSED_CUDA_BACKEND} (interpreted)" if fused and TRITON_INTERPRETED else CPU_BACKEND
+    return f"{FUSED_CUDA_BACKEND} (interpreted)" if fused and INTERPRETED else CPU_BACKEND
 
 
 def uses_fused(hidden: torch.Tensor) -> bool:
@@ -540,7 +535,7 @@ def uses_fused(hidden: torch.Tensor) -> bool:
     take the chunked walk."""
     return (
         triton is not None
-        and (hidden.is_cuda or TRITON_INTERPRETED)
+        and (hidden.is_cuda or INTERPRETED)
         and hidden.dtype != torch.float64
         and logprob_backend() == "fused"
     )

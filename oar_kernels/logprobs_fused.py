@@ -24,12 +24,8 @@ from __future__ import annotations
 import torch
 
 from oar_kernels import logprobs
+from oar_kernels._triton import INTERPRETED, on_device_of, tl, triton
 
-triton = logprobs.triton
-if triton is not None:
-    import triton.language as tl
-
-INTERPRETED = logprobs.TRITON_INTERPRETED
 # Tiles. The interpreter runs numpy per program, so wide tiles keep its loops short.
 BLOCKS = {"interpreted": (16, 256, 32), "gpu": (64, 128)}  # (BLOCK_N, BLOCK_V[, BLOCK_K])
 # The forward aims for this many programs per streaming multiprocessor (vocab splits make up
@@ -290,27 +286,28 @@ def fused_forward(hidden, weight, targets, bias, temperature, return_entropy):
     # NaN until the split holding the target stores it: a missed one cannot pass as a value.
     target_z = torch.full((rows,), float("nan"), **f32)
     if rows:
-        _fold_launch[(row_blocks, splits)](
-            hidden,
-            weight,
-            weight if bias is None else bias,
-            targets,
-            partial_max,
-            partial_sum,
-            partial_dot if return_entropy else partial_sum,
-            target_z,
-            rows,
-            vocab,
-            width,
-            hidden.stride(0),
-            weight.stride(0),
-            temperature,
-            tiles_per_split,
-            HAS_BIAS=bias is not None,
-            WITH_ENTROPY=return_entropy,
-            PRECISION=_precision(hidden.dtype),
-            **blocks,
-        )
+        with on_device_of(hidden):
+            _fold_launch[(row_blocks, splits)](
+                hidden,
+                weight,
+                weight if bias is None else bias,
+                targets,
+                partial_max,
+                partial_sum,
+                partial_dot if return_entropy else partial_sum,
+                target_z,
+                rows,
+                vocab,
+                width,
+                hidden.stride(0),
+                weight.stride(0),
+                temperature,
+                tiles_per_split,
+                HAS_BIAS=bias is not None,
+                WITH_ENTROPY=return_entropy,
+                PRECISION=_precision(hidden.dtype),
+                **blocks,
+            )
     state = _merge_splits(partial_max, partial_sum, partial_dot, target_z, return_entropy)
     logprobs_, lse = torch.empty(rows, **f32), torch.empty(rows, **f32)
     entropy = torch.empty(rows if return_entropy else 0, **f32)
@@ -330,28 +327,29 @@ def _chunk_logits_grad(
         triton.cdiv(out.shape[0], blocks["BLOCK_N"]),
         triton.cdiv(out.shape[1], blocks["BLOCK_V"]),
     )
-    _grad_launch[grid](
-        hidden,
-        weight,
-        weight if bias is None else bias,
-        targets,
-        lse,
-        entropy if with_entropy else lse,
-        grad_logprobs,
-        grad_entropy if with_entropy else grad_logprobs,
-        out,
-        out.shape[0],
-        out.shape[1],
-        hidden.shape[1],
-        hidden.stride(0),
-        weight.stride(0),
-        out.stride(0),
-        temperature,
-        HAS_BIAS=bias is not None,
-        WITH_ENTROPY=with_entropy,
-        PRECISION=_precision(hidden.dtype),
-        **blocks,
-    )
+    with on_device_of(out):
+        _grad_launch[grid](
+            hidden,
+            weight,
+            weight if bias is None else bias,
+            targets,
+            lse,
+            entropy if with_entropy else lse,
+            grad_logprobs,
+            grad_entropy if with_entropy else grad_logprobs,
+            out,
+            out.shape[0],
+            out.shape[1],
+            hidden.shape[1],
+            hidden.stride(0),
+            weight.stride(0),
+            out.stride(0),
+            temperature,
+            HAS_BIAS=bias is not None,
+            WITH_ENTROPY=with_entropy,
+            PRECISION=_precision(hidden.dtype),
+            **blocks,
+        )
 
 
 def fused_backward(

@@ -7,8 +7,6 @@ Triton kernel and their registration for `oar::bilevel_weights` / `oar::reshape_
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from oar_kernels import _extension
@@ -21,12 +19,7 @@ from oar_kernels._checks import (
     require_same_device,
 )
 from oar_kernels._ops import lib
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton ships for Linux x86_64 only; CUDA then uses the torch path
-    triton = None
+from oar_kernels._triton import on_device_of, tl, triton
 
 EPS = 1e-8
 TAU = 0.25
@@ -321,7 +314,7 @@ def _bilevel_weights_triton(
     block = block_size or min(triton.next_power_of_2(T), MAX_BLOCK)
     mask = mask.view(torch.uint8)
     # The launch goes to the current CUDA device: make it the tensors' device.
-    with torch.cuda.device(scores.device) if scores.is_cuda else contextlib.nullcontext():
+    with on_device_of(scores):
         _bilevel_weights_kernel[(B,)](
             scores,
             mask,

@@ -24,13 +24,8 @@ from oar_kernels._checks import (
     require_token_ids,
 )
 from oar_kernels._ops import lib
+from oar_kernels._triton import on_device_of, tl, triton
 from oar_kernels.logprobs import token_logprobs
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
 
 MODES = ("answer_joint", "answer_mean", "last")
 
@@ -88,14 +83,15 @@ def _saliency_triton(grad, embeds, score_mask):
     out = torch.empty(score_mask.shape, dtype=torch.float32, device=grad.device)
     tokens, width = out.numel(), grad.shape[-1]
     if tokens:
-        _saliency_kernel[(tokens,)](
-            grad,
-            embeds,
-            (score_mask != 0).contiguous().view(torch.uint8),  # any integer mask, as bytes
-            out,
-            width,
-            BLOCK_H=min(1024, triton.next_power_of_2(width)),
-        )
+        with on_device_of(grad):
+            _saliency_kernel[(tokens,)](
+                grad,
+                embeds,
+                (score_mask != 0).contiguous().view(torch.uint8),  # any integer mask, as bytes
+                out,
+                width,
+                BLOCK_H=min(1024, triton.next_power_of_2(width)),
+            )
     return out
 
 
