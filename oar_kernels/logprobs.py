@@ -73,6 +73,24 @@ def _scaled(logits, dtype, temperature, *, in_place):
     return z.div_(temperature) if in_place else z / temperature
 
 
+LOG2_E = 1.4426950408889634
+
+
+def _centred(logits, shift, temperature, *, out):
+    """out = logits / temperature - shift[:, None] in out's float dtype (out may be logits)."""
+    if temperature == 1.0:
+        return torch.sub(logits, shift[:, None], out=out)
+    if out is not logits:
+        out.copy_(logits)  # a half-precision division would round before the cast
+    return out.div_(temperature).sub_(shift[:, None])
+
+
+def _exp_(centred):
+    """exp in place, as exp2(x log2 e): the CPU's exp2 runs ~2.5x faster than its exp, for one
+    more rounding (a relative error of |x| 2^-24 on a value of e^x, x centred <= ~0)."""
+    return centred.mul_(LOG2_E).exp2_()
+
+
 class FoldState:
     """Per-row softmax statistics folded over column chunks: running max of z = logits / T,
     sum of exp(z - max), sum of exp(z - max) * (z - max) (for the entropy) and the target's z.
@@ -81,6 +99,7 @@ class FoldState:
     would overflow (and cancel against the logsumexp) for logits near float32's limits."""
 
     def __init__(self, rows: int, dtype: torch.dtype, device, with_entropy: bool, *, _views=None):
+        self._work = [None]  # shared with the row views
         if _views is not None:
             self.max, self.sum, self.dot, self.target = _views
             return
@@ -93,9 +112,19 @@ class FoldState:
     def rows(self, chunk: slice) -> "FoldState":
         """A view of some rows; folding into it updates this state."""
         dot = self.dot[chunk] if self.dot.numel() else self.dot
-        return FoldState(
+        view = FoldState(
             0, None, None, False, _views=(self.max[chunk], self.sum[chunk], dot, self.target[chunk])
         )
+        view._work = self._work
+        return view
+
+    def work(self, shape) -> torch.Tensor:
+        """A float buffer of `shape` for the torch fold, reused by every chunk of the walk (a
+        fresh chunk-sized tensor per chunk costs page faults on CPU)."""
+        numel = shape[0] * shape[1]
+        if self._work[0] is None or self._work[0].numel() < numel:
+            self._work[0] = self.max.new_empty(numel)
+        return self._work[0][:numel].view(shape)
 
     def finish(self, logprobs, lse, entropy=None) -> None:
         log_sum = torch.log(self.sum)
@@ -111,51 +140,57 @@ def _fold_torch(logits, targets, temperature, state: FoldState):
 
     Reads the logits and leaves them intact (the fused loss turns them into gradients next).
     """
-    z = _scaled(logits, state.max.dtype, temperature, in_place=False)
-    new_max = torch.maximum(state.max, z.amax(dim=1))
+    acc = state.max.dtype
+    inside = (targets >= 0) & (targets < logits.shape[1])
+    picked = logits.gather(1, targets.clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1)
+    picked = _scaled(picked, acc, temperature, in_place=True)
+    new_max = torch.maximum(state.max, _scaled(logits.amax(dim=1), acc, temperature, in_place=True))
     # Logits of -inf (masked vocabulary) have p = 0: shifting by a max of -inf would make
     # exp(-inf - -inf) NaN, and their p * z must count as 0, not 0 * -inf.
     shift = torch.where(new_max == -torch.inf, 0.0, new_max)
     rescale = torch.exp(state.max - shift)
-    e = torch.sub(z, shift[:, None]).exp_()
+    centred = _centred(logits, shift, temperature, out=state.work(logits.shape))
     if state.dot.numel():
+        e = _exp_(centred.clone())
         # Re-centre the old sum on the new max; rescale = 0 drops it (and any 0 * inf).
         moved = rescale * (state.dot + (state.max - shift) * state.sum)
-        centred = torch.where(e > 0, e * (z - shift[:, None]), 0.0)
-        state.dot.copy_(torch.where(rescale > 0, moved, 0.0).add_(centred.sum(dim=1)))
+        products = torch.where(e > 0, e.mul(centred), 0.0)
+        state.dot.copy_(torch.where(rescale > 0, moved, 0.0).add_(products.sum(dim=1)))
+    else:
+        e = _exp_(centred)
     state.sum.mul_(rescale).add_(e.sum(dim=1))
     state.max.copy_(new_max)
-    inside = (targets >= 0) & (targets < z.shape[1])
-    picked = z.gather(1, targets.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
     state.target.copy_(torch.where(inside, picked, state.target))
 
 
 def _logits_grad_torch(logits, targets, lse, entropy, grad_logprobs, grad_entropy, temperature):
-    """Overwrites the chunk's logits with d(loss)/d(logits), using one extra chunk buffer."""
-    log_p = _scaled(logits, lse.dtype, temperature, in_place=True).sub_(lse[:, None])
-    p = log_p.exp()
+    """Overwrites the chunk's logits with d(loss)/d(logits); half-precision logits go through
+    one float32 chunk buffer."""
+    work = logits if logits.dtype == lse.dtype else logits.new_empty(logits.shape, dtype=lse.dtype)
+    log_p = _centred(logits, lse, temperature, out=work)
+    # The 1 / temperature of d z / d logits is folded into the per-row factors.
+    grad_logprobs = grad_logprobs / temperature
     if grad_entropy is not None:
         # dH/dz_j = -p_j (log p_j + H). Where p_j = 0 (a logit of -inf) the term is 0, not
         # 0 * -inf: log p_j is replaced by -H there.
+        p = _exp_(log_p.clone())
         neg_entropy = -entropy[:, None]
         torch.where(p > 0, log_p, neg_entropy, out=log_p)
-        grad = log_p.sub_(neg_entropy).mul_(p).mul_(-grad_entropy[:, None])
+        grad = log_p.sub_(neg_entropy).mul_(p).mul_((-grad_entropy / temperature)[:, None])
         grad.addcmul_(p, grad_logprobs[:, None], value=-1.0)
     else:
-        grad = p.mul_(-grad_logprobs[:, None])
+        grad = _exp_(log_p).mul_(-grad_logprobs[:, None])
     # Targets are relative to the chunk's first column; those outside it contribute nothing.
     inside = (targets >= 0) & (targets < grad.shape[1])
     grad.scatter_add_(
         1, targets.clamp(0, grad.shape[1] - 1)[:, None], (grad_logprobs * inside)[:, None]
     )
-    # A row nothing flows into (padding) gives exactly 0, even if its logits hold NaN.
-    still = grad_logprobs == 0
-    if grad_entropy is not None:
-        still &= grad_entropy == 0
-    grad.masked_fill_(still[:, None], 0.0)
-    if temperature != 1.0:
-        grad.div_(temperature)
-    if grad.data_ptr() != logits.data_ptr():
+    # A row nothing flows into (padding) gives exactly 0, even if its logits hold NaN: its
+    # terms are p * 0, and the NaN of NaN * 0 becomes 0 (a row that gradient flows into and
+    # whose logits hold NaN has a NaN logprob already). One cheap pass, where a row mask
+    # broadcast over the chunk costs as much as the exp.
+    grad.nan_to_num_(0.0, torch.inf, -torch.inf)
+    if grad is not logits:
         logits.copy_(grad)
 
 
@@ -293,17 +328,38 @@ def _logits_grad_triton(logits, targets, lse, entropy, grad_logprobs, grad_entro
 # ------------------------------------------------------------------------ chunked driver
 
 
-def chunk_logits(hidden_rows, weight, bias):
-    logits = hidden_rows @ weight.T
-    return logits if bias is None else logits.add_(bias)
+def chunk_logits(hidden_rows, weight, bias, out=None):
+    """hidden_rows @ weight.T + bias, written into `out` when given."""
+    if bias is None:
+        return torch.mm(hidden_rows, weight.T, out=out)
+    return torch.addmm(bias, hidden_rows, weight.T, out=out)
+
+
+# Device type -> whether torch.addmm takes half operands with a float32 out_dtype there
+# (cuBLAS in recent torch; not the CPU). Probed by the first half-precision call.
+_FLOAT_OUT_GEMM: dict[str, bool] = {"cpu": False}
+
+
+def _float_out_addmm(acc, a, b) -> bool:
+    kind = acc.device.type
+    if not _FLOAT_OUT_GEMM.get(kind, True):
+        return False
+    try:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    except (RuntimeError, TypeError, NotImplementedError):  # checked before any launch
+        _FLOAT_OUT_GEMM[kind] = False
+        return False
+    _FLOAT_OUT_GEMM[kind] = True
+    return True
 
 
 def add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b. Half-precision products stay half-precision GEMMs (tensor cores); each
-    chunk's product is rounded once and the sum over chunks is kept in acc's float32."""
+    """acc += a @ b. Half-precision products stay half-precision GEMMs (tensor cores) summed in
+    acc's float32: straight into acc where the GEMM can write float32 (CUDA), else each chunk's
+    product is rounded once through a half-precision temporary."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    else:
+    elif not _float_out_addmm(acc, a, b):
         acc += a @ b
 
 
@@ -320,64 +376,105 @@ def vocab_chunks(rows: int, vocab: int, device: torch.device):
     return [slice(start, min(vocab, start + step)) for start in range(0, vocab, step)]
 
 
+def _length(span: slice) -> int:
+    return span.stop - span.start
+
+
+def logit_chunks(hidden, weight, bias, *, by_vocab: bool):
+    """(rows, cols, logits [rows, cols]) chunk after chunk: vocabulary chunks of all rows
+    (by_vocab), else row chunks of all columns. Every chunk is written into one buffer (a
+    fresh chunk-sized tensor each costs page faults on CPU): a chunk is valid until the next."""
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    if by_vocab:
+        spans = [(slice(0, rows), cols) for cols in vocab_chunks(rows, vocab, hidden.device)]
+    else:
+        spans = [(chunk, slice(0, vocab)) for chunk in row_chunks(rows, vocab, hidden.device)]
+    buffer = hidden.new_empty(_length(spans[0][0]) * _length(spans[0][1]))  # the largest
+    for chunk, cols in spans:
+        out = buffer[: _length(chunk) * _length(cols)].view(_length(chunk), _length(cols))
+        part_bias = None if bias is None else bias[cols]
+        yield chunk, cols, chunk_logits(hidden[chunk], weight[cols], part_bias, out=out)
+
+
+# Devices whose checks of values must not read them back to the host (a sync per call, and an
+# error under CUDA graph capture): they assert on the device, failing at the next
+# synchronisation. Tests add "cpu" to run that path without a GPU.
+DEVICE_ASSERTS = ("cuda",)
+
+
 def check_targets(targets: torch.Tensor, vocab: int) -> None:
+    """targets in [0, vocab): a ValueError, or a device-side assert on DEVICE_ASSERTS."""
     # Checked inside op implementations, not in public wrappers: reading values would break a
     # compiled graph.
-    if targets.numel() and not (0 <= int(targets.min()) and int(targets.max()) < vocab):
-        raise ValueError(f"targets must lie in [0, {vocab})")
+    if not targets.numel():
+        return
+    inside = ((targets >= 0) & (targets < vocab)).all()
+    message = f"targets must lie in [0, {vocab})"
+    if targets.device.type in DEVICE_ASSERTS:
+        torch._assert_async(inside, message)
+    elif not bool(inside):
+        raise ValueError(message)
 
 
 class LmHeadGrads:
-    """Accumulates d loss / d (hidden, weight, bias) from chunk logits gradients.
+    """Sums d loss / d (hidden, weight, bias) over chunks of the logits gradient.
 
-    The weight (and bias) gradient sums over chunks in float32 (float64 for float64 inputs).
+    Over vocabulary chunks (by_vocab) d hidden sums across chunks, in float32 (float64 for
+    float64 inputs), and each chunk writes its columns of d weight and d bias; over row chunks
+    d weight and d bias sum in float32 and each chunk writes its rows of d hidden. Written
+    parts are NaN-filled first, so a chunk the walk missed cannot pass as a value.
     """
 
-    def __init__(self, hidden, weight, with_bias: bool):
-        acc = accumulation_dtype(weight.dtype)
-        self.hidden, self.weight = hidden, weight
-        # NaN-filled so a row the chunk walk missed cannot pass as a value.
-        self.grad_hidden = torch.full(
-            hidden.shape, float("nan"), dtype=hidden.dtype, device=hidden.device
-        )
-        self.grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-        self.grad_bias = torch.zeros(
-            weight.shape[0] if with_bias else 0, dtype=acc, device=weight.device
-        )
+    def __init__(self, hidden, weight, with_bias: bool, *, by_vocab: bool = False):
+        acc, nan = accumulation_dtype(weight.dtype), float("nan")
+        self.hidden, self.weight, self.by_vocab = hidden, weight, by_vocab
+        on = {"device": weight.device}
+        bias_shape = (weight.shape[0] if with_bias else 0,)
+        if by_vocab:
+            self.grad_hidden = torch.zeros(hidden.shape, dtype=acc, **on)
+            self.grad_weight = torch.full(weight.shape, nan, dtype=weight.dtype, **on)
+            self.grad_bias = torch.full(bias_shape, nan, dtype=weight.dtype, **on)
+        else:
+            self.grad_hidden = torch.full(hidden.shape, nan, dtype=hidden.dtype, **on)
+            self.grad_weight = torch.zeros(weight.shape, dtype=acc, **on)
+            self.grad_bias = torch.zeros(bias_shape, dtype=acc, **on)
 
-    def add(self, chunk: slice, logits_grad: torch.Tensor) -> None:
-        acc = self.grad_weight.dtype
-        self.grad_hidden[chunk] = logits_grad @ self.weight
+    def add(self, rows: slice, logits_grad: torch.Tensor, cols: slice = slice(None)) -> None:
+        acc = accumulation_dtype(self.weight.dtype)
+        weight, hidden = self.weight[cols], self.hidden[rows]
+        if self.by_vocab:
+            add_matmul(self.grad_hidden, logits_grad, weight)
+            torch.mm(logits_grad.T, hidden, out=self.grad_weight[cols])
+            if self.grad_bias.numel():
+                self.grad_bias[cols] = logits_grad.sum(dim=0, dtype=acc)
+            return
+        torch.mm(logits_grad, weight, out=self.grad_hidden[rows])
         # In place: a [V, H] temporary per chunk would cost as much as the logits we avoid.
-        add_matmul(self.grad_weight, logits_grad.T, self.hidden[chunk])
+        add_matmul(self.grad_weight, logits_grad.T, hidden)
         if self.grad_bias.numel():
             self.grad_bias += logits_grad.sum(dim=0, dtype=acc)
 
     def result(self):
         dtype = self.weight.dtype
-        return self.grad_hidden, self.grad_weight.to(dtype), self.grad_bias.to(dtype)
+        grad_hidden = self.grad_hidden.to(self.hidden.dtype)
+        return grad_hidden, self.grad_weight.to(dtype), self.grad_bias.to(dtype)
+
+
+def by_vocab(rows: int, vocab: int) -> bool:
+    """Walk vocabulary chunks of all rows when V >= N (few tall GEMMs, and the gradient summed
+    across chunks is the smaller d hidden [N, H]), else row chunks."""
+    return vocab >= rows
 
 
 def chunked_forward(hidden, weight, targets, bias, temperature, return_entropy, fold):
-    """Folds the logits chunk by chunk: over vocabulary chunks of all rows when V >= N (few
-    tall GEMMs), else over row chunks."""
+    """Folds the logits chunk by chunk into per-row softmax statistics."""
     rows, vocab = hidden.shape[0], weight.shape[0]
     targets = targets.long()  # gather and scatter index with int64; any integer dtype comes in
     check_targets(targets, vocab)
     acc = accumulation_dtype(hidden.dtype)
     state = FoldState(rows, acc, hidden.device, return_entropy)
-    if vocab >= rows:
-        for cols in vocab_chunks(rows, vocab, hidden.device):
-            logits = chunk_logits(hidden, weight[cols], None if bias is None else bias[cols])
-            fold(logits, targets - cols.start, temperature, state)
-    else:
-        for chunk in row_chunks(rows, vocab, hidden.device):
-            fold(
-                chunk_logits(hidden[chunk], weight, bias),
-                targets[chunk],
-                temperature,
-                state.rows(chunk),
-            )
+    for chunk, cols, logits in logit_chunks(hidden, weight, bias, by_vocab=by_vocab(rows, vocab)):
+        fold(logits, targets[chunk] - cols.start, temperature, state.rows(chunk))
     logprobs, lse = torch.empty_like(state.max), torch.empty_like(state.max)
     entropy = torch.empty_like(state.dot)
     state.finish(logprobs, lse, entropy if return_entropy else None)
@@ -400,77 +497,26 @@ def chunked_backward(
     temperature,
     logits_grad,
 ):
-    """Recomputes the logits chunk by chunk and reduces their gradient by two GEMMs.
-
-    Chunks run along whichever of rows and vocabulary is longer, so that the gradient summed
-    across chunks is the smaller one: d hidden [N, H] over vocabulary chunks when V >= N (the
-    usual case), d weight [V, H] over row chunks otherwise.
-    """
+    """Recomputes the logits chunk by chunk, turns each into its gradient in place and
+    reduces that by two GEMMs (LmHeadGrads)."""
     rows, vocab = hidden.shape[0], weight.shape[0]
     targets = targets.long()  # gather and scatter index with int64; any integer dtype comes in
     if grad_entropy.numel() == 0:
         entropy = grad_entropy = None
-    if vocab >= rows:
-        return _backward_by_vocab(
-            hidden,
-            weight,
-            targets,
-            bias,
-            logits_grad,
-            lse,
-            entropy,
-            grad_logprobs,
-            grad_entropy,
-            temperature,
-        )
-    grads = LmHeadGrads(hidden, weight, bias is not None)
-    for chunk in row_chunks(rows, vocab, hidden.device):
-        logits = chunk_logits(hidden[chunk], weight, bias)
+    walk = by_vocab(rows, vocab)
+    grads = LmHeadGrads(hidden, weight, bias is not None, by_vocab=walk)
+    for chunk, cols, logits in logit_chunks(hidden, weight, bias, by_vocab=walk):
         logits_grad(
             logits,
-            targets[chunk],
+            targets[chunk] - cols.start,
             lse[chunk],
             _rows(entropy, chunk),
             grad_logprobs[chunk],
             _rows(grad_entropy, chunk),
             temperature,
         )
-        grads.add(chunk, logits)
+        grads.add(chunk, logits, cols)
     return grads.result()
-
-
-def _backward_by_vocab(
-    hidden,
-    weight,
-    targets,
-    bias,
-    logits_grad,
-    lse,
-    entropy,
-    grad_logprobs,
-    grad_entropy,
-    temperature,
-):
-    acc = accumulation_dtype(weight.dtype)
-    grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
-    # NaN-filled so a column range the chunk walk missed cannot pass as a value.
-    grad_weight = torch.full(weight.shape, float("nan"), dtype=weight.dtype, device=weight.device)
-    grad_bias = torch.full(
-        (weight.shape[0] if bias is not None else 0,),
-        float("nan"),
-        dtype=weight.dtype,
-        device=weight.device,
-    )
-    for cols in vocab_chunks(hidden.shape[0], weight.shape[0], hidden.device):
-        logits = chunk_logits(hidden, weight[cols], None if bias is None else bias[cols])
-        logits_grad(
-            logits, targets - cols.start, lse, entropy, grad_logprobs, grad_entropy, temperature
-        )
-        add_matmul(grad_hidden, logits, weight[cols])
-        torch.mm(logits.T, hidden, out=grad_weight[cols])
-        if bias is not None:
-            grad_bias[cols] = logits.sum(dim=0, dtype=acc)
-    return grad_hidden.to(hidden.dtype), grad_weight, grad_bias
 
 
 def reduce_chunk_grads(hidden, weight, with_bias: bool, chunk_grad):
