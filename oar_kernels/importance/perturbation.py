@@ -1,12 +1,22 @@
 """OAR-P: counterfactual token masking with shared prefixes (SPEC sections 2, 3, 4).
 
-Counterfactual s (token s replaced by `mask_token_id`) shares the prefix x_<s with the
-original, so it reuses the original's KV cache for positions < s and recomputes only
-positions >= s. Counterfactuals of a row run in micro-batches bounded by `max_batch_tokens`:
-each holds a copy of the row's cache, its recomputed suffixes (right-padded), an attention
-mask that hides cache positions >= s, and position ids s, s+1, ... Only the outcome
-positions' hidden states reach the lm head (token_logprobs for the joint mode, [K, V] logits
-at one position otherwise): no [R, T, V] logits.
+Counterfactual s (token s of a row replaced by `mask_token_id`) shares the prefix x_<s with
+the original, so it reads the original's KV cache for positions < s and recomputes only the
+positions s .. e, e being the row's last outcome position (later tokens cannot move the
+outcome; a token scored after e scores exactly 0).
+
+The pass, for the whole batch at once:
+1. The masks are read to the host once and every micro-batch is planned there: the
+   counterfactuals of all rows, sorted by suffix length, packed greedily under a memory
+   budget (`max_batch_bytes`, estimated from the model config by `counterfactual_bytes`).
+2. One clean forward (row groups under the same budget) keeps the KV cache, flattened per
+   layer to [rows * T, kv_heads, head_dim], and the hidden states at the outcome positions.
+3. Each micro-batch is one decoder call: one index_select per layer gathers every
+   counterfactual's prefix from the clean cache, right-aligned (so key index distances are
+   position distances, which sliding-window masks rely on), and the suffixes follow it with
+   positions s, s+1, ... The outcome reads only the outcome positions (the clean pass's where
+   they precede s): no [R, T, V] logits. Nothing in the loop reads a value back to the host,
+   and its op count does not depend on how many rows or counterfactuals a micro-batch holds.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ import copy
 import inspect
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from oar_kernels._checks import require_bool, require_int
@@ -24,16 +35,215 @@ from oar_kernels.importance.gradient import (
     eval_mode,
     lm_head_parameters,
     outcome_positions,
+    position_ids_from,
     require_finite_scores,
     vocab_size,
 )
-from oar_kernels.logprobs import token_logprobs
+
+# The default memory budget of one micro-batch (and of one group of the clean forward).
+DEFAULT_MAX_BATCH_BYTES = 1 << 30
+
+# Outcome kinds: a KL between outcome distributions, or the joint answer logprob phi.
+_KL, _JOINT = 0, 1
 
 
 @dataclass
 class PerturbationStats:
-    token_forwards: int  # tokens the decoder computed (originals + recomputed suffixes)
+    token_forwards: int  # real tokens the decoder computed (clean rows + recomputed suffixes)
     naive_token_forwards: int  # what R full forwards per row would compute (R * L)
+    micro_batches: int = 0  # decoder calls on counterfactuals
+
+
+# ------------------------------------------------------------------ memory estimate
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """What the memory estimate reads from a model's config (and its weights' dtype)."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    itemsize: int
+
+
+def _config_int(config, names, default: int) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return default
+
+
+def model_dims(model) -> ModelDims:
+    """Dimensions from the config under Llama/Qwen names, GPT-2 names as a fallback."""
+    config = model.config
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    weight = model.get_input_embeddings().weight
+    hidden = weight.shape[1]
+    heads = _config_int(config, ("num_attention_heads", "n_head"), 1)
+    return ModelDims(
+        layers=_config_int(config, ("num_hidden_layers", "n_layer"), 1),
+        hidden=hidden,
+        intermediate=_config_int(config, ("intermediate_size", "n_inner"), 4 * hidden),
+        heads=heads,
+        kv_heads=_config_int(config, ("num_key_value_heads",), heads),
+        head_dim=_config_int(config, ("head_dim",), max(1, hidden // heads)),
+        vocab=model.get_output_embeddings().weight.shape[0],
+        itemsize=weight.element_size(),
+    )
+
+
+def counterfactual_bytes(dims: ModelDims, cached: int, suffix: int, outcomes: int) -> int:
+    """Peak bytes one sequence of a micro-batch adds: `cached` prefix entries, `suffix`
+    recomputed tokens, `outcomes` outcome positions.
+
+    The KV cache of every layer (prefix and suffix) lives through the call, plus one layer's
+    concatenation in flight; per layer, the residual stream and norms, q/k/v with their
+    rotated copies, the MLP's three intermediate tensors, and attention scores and
+    probabilities (for backends that materialise them); the mask; float32 logits rows at the
+    outcome positions with their log-softmax and the KL's product.
+    """
+    keys = cached + suffix
+    kv = (dims.layers + 1) * 2 * dims.kv_heads * dims.head_dim * keys
+    qkv = 2 * (dims.heads + 2 * dims.kv_heads) * dims.head_dim
+    activations = suffix * (4 * dims.hidden + qkv + 3 * dims.intermediate)
+    attention = 2 * dims.heads * suffix * keys
+    mask = suffix * keys
+    logits = 3 * 4 * outcomes * dims.vocab
+    return dims.itemsize * (kv + activations + attention + mask) + logits
+
+
+# ------------------------------------------------------------------ the plan (host side)
+
+
+@dataclass
+class _Plan:
+    """What the pass does, decided on the host from the masks before any model call."""
+
+    width: int  # columns the clean forward computes (up to the last outcome position)
+    row_groups: list  # clean-forward groups: (start, end) over the planned rows
+    batches: list  # micro-batches: (start, end, cached, suffix, kind) over the counterfactuals
+    device_ints: dict  # name -> int64 array the device slices (uploaded in one transfer)
+    token_forwards: int
+    naive_token_forwards: int
+
+
+def _outcome_columns(answer, last_pos, uses_last):
+    """Per row, the columns whose hidden states the outcome reads ([B, A], padded with the
+    first) and which of them count ([B, A] bool): a0 - 1 or the last real token for rows
+    that use `last`, every answer column - 1 otherwise."""
+    width = answer.shape[1]
+    answer = answer & ~uses_last[:, None]
+    count = max(1, int(answer.sum(1).max(initial=0)))
+    ordered = np.sort(np.where(answer, np.arange(width), width), axis=1)[:, :count]
+    valid = ordered < width
+    first = np.where(uses_last, last_pos, ordered[:, 0] - 1)
+    columns = np.where(valid, ordered - 1, first[:, None])
+    valid[:, 0] = True  # a `last` row's one position
+    return columns, valid
+
+
+def _micro_batches(cached, suffix, kinds, dims, outcomes, max_batch_bytes, max_batch_tokens):
+    """Greedy packing of the (sorted) counterfactuals: (start, end, cached, suffix, kind) with
+    padded sizes; a micro-batch holds one outcome kind and stays within both budgets (one
+    counterfactual at least). Padding to at least one cache and two suffix columns keeps the
+    model's mask builder off its no-mask shortcut, which reads the mask back to the host."""
+    batches, start, top_cached, top_suffix = [], 0, 1, 2
+    for item in range(len(cached)):
+        grown = max(top_cached, int(cached[item])), max(top_suffix, int(suffix[item]))
+        count = item - start + 1
+        if count > 1 and (
+            kinds[item] != kinds[start]
+            or count * counterfactual_bytes(dims, *grown, outcomes) > max_batch_bytes
+            or count * sum(grown) > max_batch_tokens
+        ):
+            batches.append((start, item, top_cached, top_suffix, int(kinds[start])))
+            start = item
+            grown = max(1, int(cached[item])), max(2, int(suffix[item]))
+        top_cached, top_suffix = grown
+    if len(cached):
+        batches.append((start, len(cached), top_cached, top_suffix, int(kinds[start])))
+    return batches
+
+
+def _plan(host, mode, dims, max_batch_bytes, max_batch_tokens) -> _Plan:
+    attention, score, answer, last_pos, uses_last = host
+    width = attention.shape[1]
+    first, length = attention.argmax(1), attention.sum(1)
+    columns, valid = _outcome_columns(answer, last_pos, uses_last)
+    last = columns.max(1)
+    # Counterfactual (b, c): a scored column c up to the row's last outcome column.
+    cf_row, cf_col = np.nonzero(score & (np.arange(width) <= last[:, None]))
+    rows, cf_sub = np.unique(cf_row, return_inverse=True)
+    cf_pos, cf_suffix = cf_col - first[cf_row], last[cf_row] - cf_col + 1
+    cf_kind = np.where((mode == "answer_joint") & ~uses_last[cf_row], _JOINT, _KL)
+    # By kind, then longest suffix first: neighbours have nearly equal suffixes (little padding).
+    order = np.lexsort((cf_pos, -cf_suffix, cf_kind))
+    batches = _micro_batches(
+        cf_pos[order],
+        cf_suffix[order],
+        cf_kind[order],
+        dims,
+        columns.shape[1],
+        max_batch_bytes,
+        max_batch_tokens,
+    )
+    clean_width = int(last[rows].max()) + 1 if rows.size else 0
+    row_bytes = counterfactual_bytes(dims, 0, clean_width, columns.shape[1])
+    per_group = max(1, max_batch_bytes // row_bytes)
+    rows_first = first[rows]
+    return _Plan(
+        width=clean_width,
+        row_groups=[(g, min(g + per_group, rows.size)) for g in range(0, rows.size, per_group)],
+        batches=batches,
+        device_ints={
+            "rows": rows,
+            "first": rows_first,
+            "last": last[rows] - rows_first,  # row-local last outcome position
+            "outcome_pos": columns[rows] - rows_first[:, None],
+            "outcome_valid": valid[rows],
+            # Answer token t is predicted at t - 1 (clamped: a `last` row's column may end it).
+            "targets": rows[:, None] * width + np.minimum(columns[rows] + 1, width - 1),
+            "cf_sub": cf_sub[order],
+            "cf_pos": cf_pos[order],
+            "cf_flat": (cf_row * width + cf_col)[order],  # where each score goes in [B, T]
+        },
+        token_forwards=int(
+            np.minimum(length[rows], clean_width - rows_first).sum() + cf_suffix.sum()
+        ),
+        naive_token_forwards=int((score.sum(1) * length).sum()),
+    )
+
+
+def _read_plan_inputs(attention_mask, score_mask, answer_mask, mode):
+    """The masks and outcome positions on the host, in one transfer (the pass's one read)."""
+    last_pos, uses_last = outcome_positions(attention_mask, answer_mask, mode)
+    masks = torch.stack([attention_mask, score_mask, answer_mask]).flatten().long()
+    packed = torch.cat([masks, last_pos.long(), uses_last.long()]).cpu().numpy()
+    shape, cells = tuple(attention_mask.shape), attention_mask.numel()
+    attention, score, answer = packed[: 3 * cells].reshape(3, *shape).astype(bool)
+    last_pos, uses_last = packed[3 * cells :].reshape(2, shape[0])
+    return attention, score, answer, last_pos, uses_last.astype(bool)
+
+
+def _upload(arrays: dict, device) -> dict:
+    """The plan's index arrays on the device: one transfer, then views of the same shapes."""
+    flat = torch.from_numpy(np.concatenate([a.reshape(-1) for a in arrays.values()]))
+    flat = flat.to(device=device, dtype=torch.long)
+    out, start = {}, 0
+    for name, array in arrays.items():
+        out[name] = flat[start : start + array.size].view(array.shape)
+        start += array.size
+    return out
+
+
+# ------------------------------------------------------------------ the device side
 
 
 def _cache_keyword(decoder) -> str:
@@ -43,119 +253,173 @@ def _cache_keyword(decoder) -> str:
     )
 
 
-def _outcome(model, hidden_at, targets, row_mode):
-    """Outcome of one or more sequences from hidden states at the outcome positions.
-
-    row_mode "answer_joint": hidden_at [K, A, H], targets [A] -> phi [K] (mean answer logprob).
-    row_mode "answer_mean": hidden_at [K, A, H] -> log P [K, V] of the mean logits.
-    row_mode "last": hidden_at [K, 1, H] -> log P [K, V].
-    """
+def _log_probs(model, hidden):
+    """log softmax of the lm head at hidden states [..., H]: [..., V], float32 at least."""
     weight, bias = lm_head_parameters(model)
-    if row_mode == "answer_joint":
-        rows, answers, width = hidden_at.shape
-        logp = token_logprobs(hidden_at.reshape(-1, width), weight, targets.repeat(rows), bias=bias)
-        return logp.reshape(rows, answers).mean(dim=1)
-    # The lm head is affine: the mean of the logits is the head of the mean hidden state.
-    logits = torch.nn.functional.linear(hidden_at.mean(dim=1), weight, bias)
+    logits = torch.nn.functional.linear(hidden, weight, bias)
     return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
 
 
-def _row_importance(
-    model,
-    ids,
-    scored,
-    outcome_pos,
-    answer_targets,
-    row_mode,
-    mask_token_id,
-    max_batch_tokens,
-    cache_keyword,
-):
-    """Importance [R] of the scored positions of one unpadded row, and the tokens computed."""
+def _outcome(model, hidden_at, weights, targets, kind):
+    """Outcome of sequences from the hidden states at their outcome positions.
+
+    hidden_at: [K, A, H]; weights: [K, A] (1 / count on the positions that count, else 0).
+    _JOINT: phi [K], the mean answer-token logprob (targets: [K, A] token ids).
+    _KL: log P [K, V] of the mean logits (the lm head is affine: the mean of the logits is
+    the head of the mean hidden state).
+    """
+    if kind == _JOINT:
+        logp = _log_probs(model, hidden_at).gather(-1, targets[..., None])[..., 0]
+        return (logp * weights.to(logp.dtype)).sum(1)
+    return _log_probs(model, (hidden_at * weights[..., None].to(hidden_at.dtype)).sum(1))
+
+
+def _importance(clean, counterfactual, kind):
+    """SPEC section 4: phi(x) - phi(x^(s)), or KL(P(x) || P(x^(s)))."""
+    if kind == _JOINT:
+        return clean - counterfactual
+    return (clean.exp() * (clean - counterfactual)).sum(-1)
+
+
+def _joined(parts: list) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _flat_positions(states):
+    """[rows, heads, T, dim] -> [rows * T, heads, dim], a copy (index_select's source)."""
+    return states.transpose(1, 2).contiguous().flatten(0, 1)
+
+
+def _clean_pass(model, input_ids, attention_mask, plan, dev, cache_keyword):
+    """The clean forward of the planned rows. Returns per-layer keys and values flattened to
+    [rows * width, kv_heads, head_dim] (row i's position p at i * width + first_i + p), and
+    the hidden states at the outcome positions [rows, A, H]."""
     decoder = model.get_decoder()
-    length = ids.shape[0]
-    original = decoder(input_ids=ids[None], use_cache=True)
-    cache = getattr(original, "cache", None)
-    cache = original.past_key_values if cache is None else cache
-    hidden = original.last_hidden_state[0]
-    clean = _outcome(model, hidden[outcome_pos][None], answer_targets, row_mode)[0]
-    importance = torch.empty(len(scored), dtype=clean.dtype, device=ids.device)
-    computed = length
-    # Each counterfactual costs its suffix plus a copy of the row's cache.
-    per_item = 2 * length
-    group = max(1, max_batch_tokens // per_item)
-    for start in range(0, len(scored), group):
-        s = scored[start : start + group]
-        count = s.shape[0]
-        suffix = length - int(s.min())
-        cols = torch.arange(suffix, device=ids.device)
-        positions = s[:, None] + cols[None, :]  # [K, suffix]
-        valid = positions < length
-        positions = positions.clamp(max=length - 1)
-        new_ids = torch.where(positions == s[:, None], mask_token_id, ids[positions])
-        keys = torch.arange(length, device=ids.device)
-        attention = torch.cat([keys[None, :] < s[:, None], valid], dim=1).long()
-        batch_cache = copy.deepcopy(cache)
-        batch_cache.batch_repeat_interleave(count)
+    keys, values, hidden_at = [], [], []
+    for start, end in plan.row_groups:
+        rows = dev["rows"][start:end]
+        mask = attention_mask[rows, : plan.width].long()
+        cache = _dynamic_cache()  # no config: every layer keeps every position (sliding too)
         out = decoder(
-            input_ids=new_ids,
-            attention_mask=attention,
+            input_ids=input_ids[rows, : plan.width],
+            attention_mask=mask,
+            position_ids=position_ids_from(mask),
+            use_cache=True,
+            **{cache_keyword: cache},
+        )
+        keys.append([_flat_positions(layer.keys) for layer in cache.layers])
+        values.append([_flat_positions(layer.values) for layer in cache.layers])
+        columns = dev["first"][start:end, None] + dev["outcome_pos"][start:end]
+        local = torch.arange(end - start, device=rows.device)[:, None]
+        hidden_at.append(out.last_hidden_state[local, columns])
+    keys = [_joined(list(layer)) for layer in zip(*keys)]
+    values = [_joined(list(layer)) for layer in zip(*values)]
+    return keys, values, _joined(hidden_at), _empty_layer(cache.layers[0])
+
+
+def _dynamic_cache():
+    from transformers.cache_utils import DynamicCache  # transformers is not a dependency
+
+    return DynamicCache()
+
+
+def _empty_layer(layer):
+    """An initialised cache layer holding nothing: the template of `_prefilled_cache`."""
+    template = copy.copy(layer)
+    template.keys = template.values = None
+    return template
+
+
+def _prefilled_cache(template, keys, values):
+    """A DynamicCache whose layers hold the given [K, kv_heads, cached, head_dim] states.
+    Its layers are shallow copies of an initialised one (initialising a layer creates
+    tensors: ops that would count per micro-batch)."""
+    cache = _dynamic_cache()
+    for k, v in zip(keys, values):
+        layer = copy.copy(template)
+        layer.keys, layer.values = k, v
+        cache.layers.append(layer)
+    return cache
+
+
+class _Pass:
+    """The device state of one call: the clean cache, the uploaded plan, the clean outcomes."""
+
+    def __init__(self, model, input_ids, attention_mask, plan, mask_token_id):
+        self.model, self.plan, self.mask_token_id = model, plan, mask_token_id
+        self.keyword = _cache_keyword(model.get_decoder())
+        dev = self.dev = _upload(plan.device_ints, input_ids.device)
+        self.keys, self.values, self.clean_at, self.template = _clean_pass(
+            model, input_ids, attention_mask, plan, dev, self.keyword
+        )
+        self.flat_ids = input_ids.reshape(-1)
+        self.ids_base = dev["rows"] * input_ids.shape[1] + dev["first"]
+        self.cache_base = torch.arange(len(dev["rows"]), device=input_ids.device)
+        self.cache_base = self.cache_base * plan.width + dev["first"]
+        valid = dev["outcome_valid"].double()
+        self.weights = valid / valid.sum(1, keepdim=True)
+        self.targets = self.flat_ids[dev["targets"]]
+        # Longer than any slice taken of it: a full-length slice would skip its op, and op
+        # counts would then depend on the sizes.
+        longest = max(plan.width, 2, len(dev["cf_pos"])) + 1
+        self.steps = torch.arange(longest, device=input_ids.device)
+        kinds = {kind for *_, kind in plan.batches}
+        self.clean = {
+            kind: _outcome(model, self.clean_at, self.weights, self.targets, kind) for kind in kinds
+        }
+
+    def micro_batch(self, start, end, cached, suffix, kind):
+        """Importance [K] of counterfactuals start..end: one decoder call, no host reads."""
+        dev, count = self.dev, end - start
+        rows, pos = dev["cf_sub"][start:end], dev["cf_pos"][start:end]
+        last = dev["last"][rows, None]
+        positions = pos[:, None] + self.steps[:suffix]  # [K, suffix]
+        real = positions <= last  # suffix columns past the row's last outcome are padding
+        positions = torch.minimum(positions, last)
+        ids = self.flat_ids[self.ids_base[rows, None] + positions]
+        ids[:, 0] = self.mask_token_id
+        # Cache column j holds position j - cached + s: the prefix ends right before s.
+        prefix = self.steps[:cached] - cached + pos[:, None]  # [K, cached]
+        gather = (self.cache_base[rows, None] + prefix.clamp(min=0)).flatten()
+        heads, dim = self.keys[0].shape[1:]
+
+        def gathered(layer):
+            return layer.index_select(0, gather).view(count, cached, heads, dim).transpose(1, 2)
+
+        cache = _prefilled_cache(
+            self.template, map(gathered, self.keys), map(gathered, self.values)
+        )
+        out = self.model.get_decoder()(
+            input_ids=ids,
+            attention_mask=torch.cat([prefix >= 0, real], dim=1),
             position_ids=positions,
             use_cache=True,
-            **{cache_keyword: batch_cache},
+            **{self.keyword: cache},
         )
-        computed += int(valid.sum())
-        # Outcome positions before s are unchanged: read them from the original.
-        rel = outcome_pos[None, :] - s[:, None]
-        rows = torch.arange(count, device=ids.device)[:, None]
-        changed = out.last_hidden_state[rows, rel.clamp(min=0)]
-        at = torch.where((rel >= 0)[..., None], changed, hidden[outcome_pos][None])
-        counterfactual = _outcome(model, at, answer_targets, row_mode)
-        if row_mode == "answer_joint":
-            importance[start : start + count] = clean - counterfactual
-        else:
-            importance[start : start + count] = (clean.exp() * (clean - counterfactual)).sum(-1)
-    return importance, computed
+        # Outcome positions before s are unchanged: read them from the clean pass.
+        rel = dev["outcome_pos"][rows] - pos[:, None]  # [K, A]
+        changed = out.last_hidden_state[self.steps[:count, None], rel.clamp(min=0)]
+        at = torch.where((rel >= 0)[..., None], changed, self.clean_at[rows])
+        value = _outcome(self.model, at, self.weights[rows], self.targets[rows], kind)
+        return _importance(self.clean[kind][rows], value, kind)
 
 
-def _score_rows(
-    model, input_ids, attention_mask, score_mask, answer_mask, mode, mask_token_id, max_batch_tokens
-):
-    """Scores [B, T] float32 of a validated batch, row by row (each row unpadded), and stats."""
+def _score(model, input_ids, attention_mask, score_mask, answer_mask, mode, mask_token_id, budget):
+    """Scores [B, T] float32 of a validated batch, and stats."""
     scores = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-    stats = PerturbationStats(0, 0)
     if scores.numel() == 0:  # nothing to score, and no outcome position to find
+        return scores, PerturbationStats(0, 0)
+    host = _read_plan_inputs(attention_mask, score_mask, answer_mask, mode)
+    plan = _plan(host, mode, model_dims(model), *budget)
+    stats = PerturbationStats(plan.token_forwards, plan.naive_token_forwards, len(plan.batches))
+    if not plan.batches:
         return scores, stats
-    cache_keyword = _cache_keyword(model.get_decoder())
-    last_pos, uses_last = outcome_positions(attention_mask.long(), answer_mask, mode)
-    for b in range(input_ids.shape[0]):
-        (real,) = attention_mask[b].nonzero(as_tuple=True)
-        if real.numel() == 0 or not score_mask[b].any():
-            continue
-        offset = int(real[0])
-        ids = input_ids[b, real]
-        (scored,) = score_mask[b, real].nonzero(as_tuple=True)
-        row_mode = "last" if bool(uses_last[b]) else mode
-        if row_mode == "last":
-            outcome_pos = (last_pos[b] - offset).reshape(1)
-            answer_targets = None
-        else:
-            (answer,) = answer_mask[b, real].nonzero(as_tuple=True)
-            outcome_pos, answer_targets = answer - 1, ids[answer]
-        importance, computed = _row_importance(
-            model,
-            ids,
-            scored,
-            outcome_pos,
-            answer_targets,
-            row_mode,
-            mask_token_id,
-            max_batch_tokens,
-            cache_keyword,
-        )
-        scores[b, scored + offset] = importance.float()
-        stats.token_forwards += computed
-        stats.naive_token_forwards += len(scored) * ids.shape[0]
+    run = _Pass(model, input_ids, attention_mask, plan, mask_token_id)
+    dtype = next(iter(run.clean.values())).dtype
+    importance = torch.empty(len(run.dev["cf_pos"]), dtype=dtype, device=input_ids.device)
+    for start, end, cached, suffix, kind in plan.batches:
+        importance[start:end] = run.micro_batch(start, end, cached, suffix, kind)
+    scores.view(-1)[run.dev["cf_flat"]] = importance.float()
     return scores, stats
 
 
@@ -168,7 +432,8 @@ def perturbation_importance(
     *,
     mode: str = "last",
     mask_token_id: int,
-    max_batch_tokens: int = 16384,
+    max_batch_tokens: int | None = None,
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     return_stats: bool = False,
 ):
     """OAR-P token importance for a padded batch (SPEC section 4).
@@ -178,8 +443,12 @@ def perturbation_importance(
     B = 0 or T = 0 gives empty scores.
     mode: "last" / "answer_mean" (KL(P(x) || P(x^(s)))) or "answer_joint" (phi(x) - phi(x^(s)),
     signed); rows without an answer span use "last". mask_token_id: the substitute token.
-    max_batch_tokens: bounds a micro-batch's recomputed tokens plus cached entries, so peak
-    memory does not grow with the number of scored tokens R.
+    max_batch_bytes: the memory budget of one micro-batch of counterfactuals (all rows
+    together) and of one row group of the clean forward, estimated from the model config by
+    `counterfactual_bytes`; default DEFAULT_MAX_BATCH_BYTES (1 GiB). Peak memory is this
+    plus the clean KV cache of the batch, whatever the number of scored tokens R.
+    max_batch_tokens: optionally also bounds a counterfactual micro-batch's recomputed tokens
+    plus cached entries (padding included); None: the memory budget alone.
     Returns [B, T] float32 scores (0 outside score_mask), and PerturbationStats if asked.
     The pass runs in eval mode (dropout off) and restores every module's mode.
     """
@@ -187,21 +456,25 @@ def perturbation_importance(
         model, input_ids, attention_mask, score_mask, answer_mask, mode
     )
     mask_token_id = require_int("mask_token_id", mask_token_id, 0, vocab_size(model) - 1)
-    max_batch_tokens = require_int("max_batch_tokens", max_batch_tokens, 1)
+    if max_batch_tokens is not None:
+        max_batch_tokens = require_int("max_batch_tokens", max_batch_tokens, 1)
+    max_batch_bytes = require_int("max_batch_bytes", max_batch_bytes, 1)
     require_bool("return_stats", return_stats)
+    budget = (max_batch_bytes, max_batch_tokens if max_batch_tokens is not None else 1 << 62)
     with torch.no_grad(), eval_mode(model):
-        scores, stats = _score_rows(
-            model,
-            input_ids,
-            attention_mask,
-            score_mask,
-            answer_mask,
-            mode,
-            mask_token_id,
-            max_batch_tokens,
+        scores, stats = _score(
+            model, input_ids, attention_mask, score_mask, answer_mask, mode, mask_token_id, budget
         )
     require_finite_scores(scores, "the model's outputs overflowed or its weights are not finite")
     return (scores, stats) if return_stats else scores
 
 
-__all__ = ["MODES", "PerturbationStats", "perturbation_importance"]
+__all__ = [
+    "DEFAULT_MAX_BATCH_BYTES",
+    "MODES",
+    "ModelDims",
+    "PerturbationStats",
+    "counterfactual_bytes",
+    "model_dims",
+    "perturbation_importance",
+]
