@@ -1,11 +1,12 @@
 """Fused GRPO loss through the lm head with per-token advantages (SPEC section 7).
 
-The loss is a scalar, so its gradients are computed inside the op's forward: the chunked
-logprob walk of token_logprobs gives logprobs and logsumexps, the per-token surrogate gives
-d loss / d logprob in closed form, and the chunked gradient walk turns that into the hidden,
-weight and bias gradients. No [N, V] logits; the autograd backward only scales the stored
-gradients by the incoming gradient of the loss.
-"""
+The loss is a scalar, so its gradients are computed inside the op's forward. Either in one
+walk over row chunks of the logits (each chunk folded into its rows' logprobs, turned into its
+gradient in place through the closed-form d loss / d logprob of the per-token surrogate, and
+reduced by two GEMMs: three GEMMs a chunk), or, where row chunks are short or the weights are
+half precision (_one_walk_wins), by token_logprobs' walks: the forward walk for logprobs and
+logsumexps, then the gradient walk recomputing the logits (four). No [N, V] logits; the
+autograd backward only scales the stored gradients by the incoming gradient of the loss."""
 
 from __future__ import annotations
 
@@ -23,11 +24,16 @@ from oar_kernels._checks import (
 from oar_kernels._ops import lib
 from oar_kernels.logprobs import (
     MIN_TEMPERATURE,
+    FoldState,
+    LmHeadGrads,
     accumulation_dtype,
     check_lm_head,
     check_op_args,
+    check_targets,
     lm_head_backward,
     lm_head_forward,
+    logit_chunks,
+    row_chunks,
 )
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
@@ -92,6 +98,56 @@ def _check_rows(hidden, **rows) -> None:
         require_same_device(hidden=hidden, **{name: value})
 
 
+# Which walk grpo_loss takes when it computes gradients: "one" (_one_walk), "two"
+# (token_logprobs' forward walk, then its backward walk recomputing the logits), or "auto"
+# (_one_walk_wins). Tests set "one" and "two" to check both.
+WALK = "auto"
+# Row chunks shorter than this make the one walk's GEMMs (and its d weight sum over row
+# chunks) slower than the GEMM it saves. CPU, one thread, float32, grpo_loss fwd+bwd, two
+# walks' time / one walk's, H=256: 512 rows a chunk (V=4096) 1.36x, 256 (V=8192) 1.23x,
+# 128 (V=16384) 1.05x, 65 (V=32000) 1.06x (0.92x at H=1024), 32 (V=151936) 0.76x.
+ONE_WALK_MIN_ROWS = 128
+
+
+def _one_walk_wins(hidden, weight) -> bool:
+    """Where the one walk is the default: row chunks of at least ONE_WALK_MIN_ROWS rows (or
+    all rows), and float32 (float64) weights. Its d weight sums over row chunks in float32: no
+    extra memory for float32 weights, but a [V, H] float32 buffer beside a bf16 one (the two
+    walks write d weight once per vocabulary chunk in the weight's dtype) and a bf16 [V, H]
+    product per chunk on CPU, so half-precision weights take two walks."""
+    if WALK != "auto":
+        return WALK == "one"
+    if logprobs.uses_fused(hidden):  # the fused kernels walk their own way
+        return False
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    first = row_chunks(rows, vocab, hidden.device)[0]
+    tall = first.stop - first.start >= min(rows, ONE_WALK_MIN_ROWS)
+    return tall and accumulation_dtype(weight.dtype) == weight.dtype
+
+
+def _one_walk(hidden, weight, targets, bias, temperature, grad_of, grad_hidden_rows):
+    """(logprobs, lse, (d hidden, d weight, d bias)) in one walk over row chunks of all columns,
+    three GEMMs a chunk where the two walks take four: the per-token loss is row-local, so a
+    chunk's logits, once folded into its rows' logprobs, turn into their gradient in place
+    (grad_of(rows, logprobs) gives d loss / d logprob) and reduce into the lm-head gradients.
+    grad_hidden_rows: hidden as the gradient GEMMs see it (padding rows zeroed)."""
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    fold, logits_grad = logprobs.chunk_steps(hidden)
+    targets = targets.long()
+    check_targets(targets, vocab)
+    state = FoldState(rows, accumulation_dtype(hidden.dtype), hidden.device, False)
+    logps, lse = torch.empty_like(state.max), torch.empty_like(state.max)
+    grads = LmHeadGrads(grad_hidden_rows, weight, bias is not None)
+    for chunk, _, logits in logit_chunks(hidden, weight, bias, by_vocab=False):
+        part = state.rows(chunk)
+        fold(logits, targets[chunk], temperature, part)
+        part.finish(logps[chunk], lse[chunk])
+        grad = grad_of(chunk, logps[chunk])
+        logits_grad(logits, targets[chunk], lse[chunk], None, grad, None, temperature)
+        grads.add(chunk, logits)
+    return logps, lse, grads.result()
+
+
 def _grpo_loss_impl(
     hidden,
     weight,
@@ -120,39 +176,56 @@ def _grpo_loss_impl(
     _check_scalars(epsilon_low, epsilon_high, beta)
     if beta > 0 and ref_logprobs is None:
         raise ValueError("beta > 0 needs ref_logprobs")
-    logprobs, no_entropy, lse = lm_head_forward(
-        hidden, weight, targets.long(), bias, temperature, False
-    )
-    acc = logprobs.dtype
-    old = logprobs if old_logprobs is None else old_logprobs.to(acc)
+    acc = accumulation_dtype(hidden.dtype)
+    adv, w, m = advantages.to(acc), token_weight.to(acc), metric_weight.to(acc)
+    old = None if old_logprobs is None else old_logprobs.to(acc)
     ref = None if ref_logprobs is None else ref_logprobs.to(acc)
-    terms, dterms, clipped, ratio, k3 = per_token_terms(
-        logprobs, old, ref, advantages.to(acc), epsilon_low, epsilon_high, beta
-    )
-    w, m = token_weight.to(acc), metric_weight.to(acc)
+
+    def terms_of(rows, logps):
+        return per_token_terms(
+            logps,
+            logps if old is None else old[rows],
+            None if ref is None else ref[rows],
+            adv[rows],
+            epsilon_low,
+            epsilon_high,
+            beta,
+        )
+
+    def grad_of(rows, logps):
+        # The loss is linear in the per-token terms: its logprob gradient is w * d term / d lp.
+        return _weighted(w[rows], terms_of(rows, logps)[1])
+
+    # Padding rows must not reach the weight gradient even when their hidden states hold
+    # NaN (0 * NaN in the GEMM): they enter the gradient GEMMs as zeros.
+    active = (w != 0) | (m != 0)
+    everything = slice(None)
+    if compute_grads and _one_walk_wins(hidden, weight):
+        grad_rows = torch.where(active[:, None], hidden, 0.0)
+        logps, _, grads = _one_walk(hidden, weight, targets, bias, temperature, grad_of, grad_rows)
+    else:
+        logps, no_entropy, lse = lm_head_forward(
+            hidden, weight, targets.long(), bias, temperature, False
+        )
+        grads = (hidden.new_empty(0), weight.new_empty(0), weight.new_empty(0))
+        if compute_grads:
+            grads = lm_head_backward(
+                grad_of(everything, logps),
+                no_entropy,
+                torch.where(active[:, None], hidden, 0.0),
+                weight,
+                targets.long(),
+                bias,
+                lse,
+                no_entropy,
+                temperature,
+            )
+    terms, _, clipped, ratio, k3 = terms_of(everything, logps)
     # Tokens of weight 0 (padding) are selected out, not multiplied by 0: whatever their
     # advantages or old/ref logprobs hold (NaN, or a ratio that overflows), they count for 0.
     loss = _weighted(w, terms).sum()
     metrics = torch.stack([_weighted(m, x).sum() for x in (clipped, k3, ratio)])
-    # The loss is linear in the per-token terms: its logprob gradient is w * d terms / d lp.
-    if not compute_grads:
-        nothing = hidden.new_empty(0)
-        return loss, metrics, logprobs, nothing, weight.new_empty(0), weight.new_empty(0)
-    # Padding rows must not reach the weight gradient even when their hidden states hold
-    # NaN (0 * NaN in the GEMM): they enter the backward as zeros.
-    active = (w != 0) | (m != 0)
-    grads = lm_head_backward(
-        _weighted(w, dterms),
-        no_entropy,
-        torch.where(active[:, None], hidden, 0.0),
-        weight,
-        targets.long(),
-        bias,
-        lse,
-        no_entropy,
-        temperature,
-    )
-    return (loss, metrics, logprobs, *grads)
+    return (loss, metrics, logps, *grads)
 
 
 for _key in ("CPU", "CUDA"):

@@ -101,6 +101,11 @@ def _grads(loss, leaves):
     return torch.autograd.grad(loss, leaves)
 
 
+# grpo_loss's two ways to its gradients: one walk over row chunks (3 GEMMs a chunk), or
+# token_logprobs' forward walk and recomputing backward walk (4).
+WALKS = ["one", "two"]
+
+
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
@@ -108,9 +113,11 @@ def _grads(loss, leaves):
     "with_bias, with_kl, per_token",
     [(False, False, True), (True, True, True), (False, True, False)],
 )
+@pytest.mark.parametrize("walk", WALKS)
 def test_matches_unfused_reference(
-    device, dtype, loss_type, with_bias, with_kl, per_token, monkeypatch
+    device, dtype, loss_type, with_bias, with_kl, per_token, walk, monkeypatch
 ):
+    monkeypatch.setattr(loss_module, "WALK", walk)
     monkeypatch.setitem(logprobs.CHUNK_BYTES, device, 4 * 53 * 4)  # several chunks
     monkeypatch.setattr(logprobs, "MIN_CHUNK_ROWS", 1)
     monkeypatch.setattr(logprobs, "MIN_CHUNK_COLS", 1)
@@ -159,7 +166,11 @@ def test_matches_unfused_reference(
         )
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("walk", WALKS)
+def test_gradcheck_float64(walk, monkeypatch):
+    monkeypatch.setattr(loss_module, "WALK", walk)
+    monkeypatch.setitem(logprobs.CHUNK_BYTES, "cpu", 4 * 9 * 3)  # row chunks of 3 of 8 rows
+    monkeypatch.setattr(logprobs, "MIN_CHUNK_ROWS", 1)
     b = _batch(torch.float64, "cpu", rows=2, length=4, width=5, vocab=9)
     hidden, weight = b["hidden"].requires_grad_(), b["weight"].requires_grad_()
 
@@ -308,18 +319,19 @@ def test_a_second_backward_through_one_loss_is_refused_not_doubled():
         out.loss.backward()
 
 
-def test_no_gradient_walk_without_a_graph_to_feed():
+@pytest.mark.parametrize("walk", WALKS)
+def test_no_gradient_walk_without_a_graph_to_feed(walk, monkeypatch):
+    monkeypatch.setattr(loss_module, "WALK", walk)
     gen = torch.Generator().manual_seed(9)
     hidden = torch.randn(2, 3, 4, generator=gen, requires_grad=True)
     weight = torch.randn(7, 4, generator=gen)
     targets = torch.randint(0, 7, (2, 3), generator=gen)
     args = (targets, torch.ones(2), torch.ones(2, 3, dtype=torch.bool))
     calls = []
-    real = loss_module.lm_head_backward
+    spied = "_one_walk" if walk == "one" else "lm_head_backward"
+    real = getattr(loss_module, spied)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(
-            loss_module, "lm_head_backward", lambda *a, **k: calls.append(1) or real(*a, **k)
-        )
+        patch.setattr(loss_module, spied, lambda *a, **k: calls.append(1) or real(*a, **k))
         with_graph = ok.grpo_loss(hidden, weight, *args)
         assert calls == [1]  # the spy sees the walk when there is a graph to feed
         with torch.no_grad():
