@@ -38,8 +38,8 @@ def _reward(completions, **_):
     return [float("\\boxed{" in c) + 0.1 * len(c) % 1.0 for c in completions]
 
 
-@pytest.fixture
-def trainer_parts(tmp_path):
+def make_trainer_parts(tmp_path):
+    """Keyword arguments of a tiny GRPO trainer (seeded: every process builds the same)."""
     torch.manual_seed(0)
     tokenizer = _tokenizer()
     config = LlamaConfig(
@@ -74,6 +74,11 @@ def trainer_parts(tmp_path):
         train_dataset=dataset,
         processing_class=tokenizer,
     )
+
+
+@pytest.fixture
+def trainer_parts(tmp_path):
+    return make_trainer_parts(tmp_path)
 
 
 def _package_advantages(model, tokenizer, out, per_sequence):
