@@ -3,6 +3,8 @@ reference: under the Triton interpreter here, compiled on a GPU when there is on
 
 import pytest
 import torch
+from test_logprobs import _reference_with_grads as _reference  # the same float64 reference
+from test_logprobs import _run_ours as _ours  # the public call, backward included
 
 import oar_kernels as ok
 from oar_kernels import logprobs
@@ -30,24 +32,6 @@ def _problem(rows, width, vocab, *, seed, device, dtype=torch.float32, bias=Fals
     b = torch.randn(vocab, generator=gen) if bias else None
     cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
     return cast(hidden), cast(weight), targets.to(device), cast(b)
-
-
-def _reference(hidden, weight, targets, bias, temperature, g_logp, g_ent):
-    leaves = [t.detach().cpu().double().requires_grad_() for t in (hidden, weight)]
-    b = None if bias is None else bias.detach().cpu().double().requires_grad_()
-    lp, ent = token_logprobs_reference(*leaves, targets.cpu(), bias=b, temperature=temperature)
-    (lp * g_logp.cpu().double() + ent * g_ent.cpu().double()).sum().backward()
-    return lp, ent, (leaves[0].grad, leaves[1].grad, None if b is None else b.grad)
-
-
-def _ours(hidden, weight, targets, bias, temperature, g_logp, g_ent):
-    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight)]
-    b = None if bias is None else bias.detach().clone().requires_grad_()
-    lp, ent = ok.token_logprobs(
-        *leaves, targets, bias=b, temperature=temperature, return_entropy=True
-    )
-    (lp * g_logp + ent * g_ent).sum().backward()
-    return lp, ent, (leaves[0].grad, leaves[1].grad, None if b is None else b.grad)
 
 
 def _compare(ours, ref, dtype, name):
