@@ -15,6 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     reshape_demo.add_argument("--seed", type=int, default=0)
     _add_train_parser(commands)
     _add_demo_parser(commands)
+    _add_study_parser(commands)
     viz = commands.add_parser("viz", help="curves and token-weight heatmaps of finished runs")
     viz.add_argument("runs", nargs="+", help="run directories (as written by train or demo)")
     viz.add_argument("--out", help="where to write the pictures (default: the first run's)")
@@ -77,6 +78,27 @@ def _add_demo_parser(commands) -> None:
     demo.add_argument("--no-progress", dest="progress", action="store_false")
 
 
+def _add_study_parser(commands) -> None:
+    from oar_kernels.grpo.study import ARMS, PRESETS
+
+    study = commands.add_parser(
+        "study",
+        help="the credit-assignment study of docs/study/DESIGN.md (filler task, controls)",
+    )
+    study.add_argument("--preset", choices=tuple(PRESETS), default="pilot")
+    study.add_argument("--out", default=None, help="output directory (default runs/<preset>)")
+    study.add_argument("--seeds", type=_positive_int, help="seeds (default: the preset's)")
+    study.add_argument("--first-seed", type=int, default=0)
+    study.add_argument("--steps", type=_positive_int, default=30)
+    study.add_argument(
+        "--arms", type=_names(tuple(ARMS)), help=f"comma-separated, from {','.join(ARMS)}"
+    )
+    study.add_argument(
+        "--fillers", type=_counts, help="comma-separated filler counts F (default: the preset's)"
+    )
+    study.add_argument("--no-progress", dest="progress", action="store_false")
+
+
 def _dispatch(args) -> int:
 
     if args.command == "info":
@@ -112,6 +134,19 @@ def _dispatch(args) -> int:
             steps=args.steps,
             progress=args.progress,
         )
+    elif args.command == "study":
+        from oar_kernels.grpo import study
+
+        preset = study.PRESETS[args.preset]
+        study.run(
+            args.out or f"runs/{args.preset}",
+            arms=args.arms or preset["arms"],
+            fillers=args.fillers or preset["fillers"],
+            seeds=args.seeds or preset["seeds"],
+            first_seed=args.first_seed,
+            steps=args.steps,
+            progress=args.progress,
+        )
     elif args.command == "viz":
         from oar_kernels.grpo import viz
 
@@ -120,14 +155,32 @@ def _dispatch(args) -> int:
     return 0
 
 
+def _names(allowed: tuple[str, ...]):
+    """A parser of comma-separated names from `allowed`."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(m.strip() for m in text.split(",") if m.strip())
+        if not names or any(m not in allowed for m in names):
+            raise argparse.ArgumentTypeError(f"must come from {', '.join(allowed)}")
+        return names
+
+    return parse
+
+
 def _methods(text: str) -> tuple[str, ...]:
     from oar_kernels.grpo.config import METHODS
 
-    methods = tuple(m.strip() for m in text.split(",") if m.strip())
-    unknown = [m for m in methods if m not in METHODS]
-    if not methods or unknown:
-        raise argparse.ArgumentTypeError(f"methods must come from {', '.join(METHODS)}")
-    return methods
+    return _names(METHODS)(text)
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(c) for c in text.split(",") if c.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 0:
+        raise argparse.ArgumentTypeError(f"must be comma-separated counts >= 0, got {text!r}")
+    return counts
 
 
 def _positive_int(text: str) -> int:

@@ -310,6 +310,8 @@ BAD_VALUES = [
     ("reshape_beta", -1.0),
     ("reshape_beta", 1e7),
     ("reshape_floor", -0.1),
+    ("task", "subtraction"),
+    ("fillers", -1),
     ("digits", 0),
     ("hidden_size", 4),
     ("hidden_size", 12),

@@ -11,7 +11,13 @@ from oar_kernels.grpo.model import ModelSpec
 from oar_kernels.grpo.rollout import BACKENDS
 from oar_kernels.reshape import MAX_BETA
 
-METHODS = ("grpo", "oar-g", "oar-p")
+# OAR methods and their controls: "-shuffled" permutes each row's OAR weights at random
+# within its scored span, "-inverted" gives the token of the k-th largest weight the k-th
+# smallest; both keep the row's multiset of weights and break its alignment with the scores.
+IMPORTANCE = {"oar-g": "gradient", "oar-p": "perturbation"}
+CONTROLS = ("shuffled", "inverted")
+METHODS = ("grpo", *IMPORTANCE, *(f"{m}-{c}" for m in IMPORTANCE for c in CONTROLS))
+TASKS = ("addition", "filler")
 SCALE_REWARDS = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 OAR_MODES = ("answer_joint", "answer_mean", "last")
@@ -33,7 +39,9 @@ class TrainConfig:
     fail on a value fails before its warm start, with a ConfigError naming the field.
     """
 
-    method: str = "oar-g"  # grpo | oar-g (gradient saliency) | oar-p (counterfactual masking)
+    # grpo | oar-g (gradient saliency) | oar-p (counterfactual masking) | their controls
+    # oar-g-shuffled, oar-p-shuffled, oar-g-inverted, oar-p-inverted (weights permuted)
+    method: str = "oar-g"
     seed: int = 0
     steps: int = 30  # optimizer batches (each: rollouts, advantages, num_iterations updates)
     out_dir: str = "runs/train"
@@ -41,7 +49,7 @@ class TrainConfig:
     prompts_per_step: int = 8
     num_generations: int = 8  # completions per prompt (the GRPO group)
     temperature: float = 1.0
-    max_new_tokens: int = 128
+    max_new_tokens: int = 128  # beyond the filler task's fillers, which get room of their own
     rollout_backend: str = "hf"  # hf (transformers generate) | vllm (the vllm extra, CUDA)
     # GRPO update
     scale_rewards: str = "group"  # divide by the group's reward std, the batch's, or none
@@ -58,6 +66,8 @@ class TrainConfig:
     reshape_beta: float = 1.0
     reshape_floor: float = 0.1
     # task, model, warm start
+    task: str = "addition"  # addition | filler (the addition with `fillers` per step)
+    fillers: int = 24  # filler characters before each column step and "So" (task filler)
     digits: int = 3
     hidden_size: int = 128
     num_layers: int = 2
@@ -84,6 +94,22 @@ class TrainConfig:
             )
         if self.rollout_backend == "vllm" and self.device == "cpu":
             raise ConfigError("rollout_backend='vllm' needs device 'cuda' or 'auto', not 'cpu'")
+
+    @property
+    def filler_count(self) -> int:
+        """F of the task as run: `fillers` for the filler task, 0 for plain addition."""
+        return self.fillers if self.task == "filler" else 0
+
+    @property
+    def importance(self) -> str | None:
+        """The OAR estimator of `method` (gradient or perturbation); None for GRPO."""
+        return IMPORTANCE.get(self.method[:5]) if self.method != "grpo" else None
+
+    @property
+    def control(self) -> str | None:
+        """shuffled or inverted for a control method, else None."""
+        suffix = self.method[6:]
+        return suffix if suffix in CONTROLS else None
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -142,6 +168,7 @@ _RANGES = {
     "max_new_tokens": _Range(1),
     "num_iterations": _Range(1),
     "digits": _Range(1),
+    "fillers": _Range(0),
     "hidden_size": _Range(2 * HEADS),
     "num_layers": _Range(1),
     "warm_start_max_steps": _Range(0),
@@ -169,6 +196,7 @@ _RANGES = {
 }
 _CHOICES = {
     "method": METHODS,
+    "task": TASKS,
     "scale_rewards": SCALE_REWARDS,
     "loss_type": LOSS_TYPES,
     "oar_mode": OAR_MODES,

@@ -37,10 +37,19 @@ from statistics import fmean
 import torch
 
 import oar_kernels as ok
+from oar_kernels.grpo import faithfulness
 from oar_kernels.grpo import model as policy
 from oar_kernels.grpo.config import ConfigError, TrainConfig
+from oar_kernels.grpo.controls import permute_weights
 from oar_kernels.grpo.rollout import Rollouts, make_rollouts, vllm_unavailable
-from oar_kernels.grpo.task import build_tokenizer, make_dataset, make_problem, reward
+from oar_kernels.grpo.task import (
+    FILLERS,
+    build_tokenizer,
+    filler_tokens,
+    make_dataset,
+    make_problem,
+    reward,
+)
 from oar_kernels.importance.gradient import (
     clean_sequence_logprobs,
     lm_head_parameters,
@@ -152,12 +161,14 @@ class Trainer:
             target_accuracy=config.warm_start_accuracy,
             max_steps=config.warm_start_max_steps,
             digits=config.digits,
+            fillers=config.filler_count,
         )
         model = policy.warm_started_model(self.tokenizer, spec, warm, progress=config.progress)
         self.model = model.to(self.device)
         self.reference = None
         if config.kl_beta > 0:
             self.reference = copy.deepcopy(self.model).requires_grad_(False)
+        self.filler_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(FILLERS)))
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=0.0)
         self.held_out = make_dataset(config.eval_size, HELD_OUT_SEED, config.digits)
         self.held_out_prompts = [policy.prompt_ids(self.tokenizer, p) for p in self.held_out]
@@ -169,7 +180,8 @@ class Trainer:
             config.rollout_backend,
             self.model,
             self.tokenizer,
-            max_new_tokens=config.max_new_tokens,
+            max_new_tokens=config.max_new_tokens
+            + filler_tokens(config.digits, config.filler_count),
             temperature=config.temperature,
             workdir=self.out / "rollout-model",
         )
@@ -318,6 +330,12 @@ class Trainer:
         update = self._update(batch, per_token)
         self.rollouts.sync_weights()
         done = time.perf_counter()
+        # The problems are drawn without fillers: their solutions are the references.
+        departures = [
+            None if r > 0 else self._departure(batch, row, problems[row // group].solution)
+            for row, r in enumerate(rewards.tolist())
+        ]
+        faithful = self._faithfulness(batch, weights, departures)
 
         completion = batch["completion_mask"]
         record = {
@@ -330,13 +348,35 @@ class Trainer:
             "rollout_s": rolled - began,
             "advantage_s": weighed - rolled,
             "update_s": done - weighed,
+            **faithful,
         }
         samples = []
         if weights is not None:
             record.update(weight_statistics(weights, batch["score_mask"]))
             if step % config.eval_every == 0 or step == 1:
-                samples = self._samples(step, batch, weights, rewards, advantages)
+                samples = self._samples(step, batch, weights, rewards, advantages, departures)
         return record, samples
+
+    def _faithfulness(self, batch, weights, departures) -> dict[str, float]:
+        """`faithfulness.batch_metrics` of the step's weights (uniform ones for GRPO)."""
+        score_mask = batch["score_mask"]
+        if weights is None:
+            weights = torch.ones(score_mask.shape, device=score_mask.device)
+        return faithfulness.batch_metrics(
+            weights.cpu(), score_mask.cpu(), self._filler_mask(batch).cpu(), departures
+        )
+
+    def _filler_mask(self, batch) -> torch.Tensor:
+        """[N, T] bool: completion tokens that are filler characters."""
+        ids = batch["input_ids"]
+        return torch.isin(ids, self.filler_ids.to(ids.device)) & batch["completion_mask"]
+
+    def _departure(self, batch, row: int, reference: str) -> int | None:
+        """The column of the row's first token off the (filler-free) reference solution."""
+        cols = batch["completion_mask"][row].nonzero().flatten().tolist()
+        tokens = self.tokenizer.convert_ids_to_tokens(batch["input_ids"][row, cols].tolist())
+        index = faithfulness.first_departure(tokens, reference, FILLERS)
+        return None if index is None else cols[index]
 
     def _batch(self, rollouts: Rollouts) -> dict:
         score_mask, answer_mask = ok.spans.completion_spans(
@@ -364,7 +404,7 @@ class Trainer:
             batch["score_mask"],
             batch["answer_mask"],
             advantages,
-            method="gradient" if config.method == "oar-g" else "perturbation",
+            method=config.importance,
             mode=config.oar_mode,
             mask_token_id=self.tokenizer.pad_token_id,
             generator=generator,
@@ -372,7 +412,11 @@ class Trainer:
             beta=config.reshape_beta,
             floor=config.reshape_floor,
         )
-        return result.advantages, result.weights
+        if config.control is None:
+            return result.advantages, result.weights
+        shuffles = torch.Generator().manual_seed(seed)
+        weights = permute_weights(result.weights, batch["score_mask"], config.control, shuffles)
+        return advantages[:, None] * weights, weights
 
     def _update(self, batch: dict, per_token: torch.Tensor) -> dict:
         config = self.config
@@ -429,9 +473,11 @@ class Trainer:
             metrics["kl_to_ref"] = result.mean_kl.item()
         return metrics
 
-    def _samples(self, step, batch, weights, rewards, advantages) -> list[dict]:
-        """A few completions with their token weights, for `viz`'s heatmap."""
+    def _samples(self, step, batch, weights, rewards, advantages, departures) -> list[dict]:
+        """A few completions with their token weights, filler tokens and first departure
+        (an index into the tokens, or None), for `viz`'s heatmap."""
         samples = []
+        fillers = self._filler_mask(batch)
         for row in range(min(self.config.heatmap_samples, weights.shape[0])):
             cols = batch["completion_mask"][row].nonzero().flatten().tolist()
             ids = batch["input_ids"][row, cols].tolist()
@@ -444,6 +490,8 @@ class Trainer:
                     "tokens": [self.tokenizer.decode([i]) for i in ids],
                     "weights": [round(w, 4) for w in weights[row, cols].tolist()],
                     "scored": batch["score_mask"][row, cols].tolist(),
+                    "filler": fillers[row, cols].tolist(),
+                    "departure": None if departures[row] is None else cols.index(departures[row]),
                 }
             )
         return samples

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from oar_kernels.grpo.task import Problem, make_problem
+from oar_kernels.grpo.task import Problem, filler_tokens, make_problem
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class WarmStart:
     max_grad_norm: float = 1.0
     seed: int = 0
     digits: int = 3
+    fillers: int = 0  # the filler task's F (task.make_problem); 0 is the plain task
 
 
 def build_model(tokenizer, spec: ModelSpec, seed: int = 0):
@@ -107,9 +108,12 @@ def cache_dir() -> Path:
 
 
 def _cache_key(tokenizer, spec: ModelSpec, warm: WarmStart) -> str:
+    warm_shape = asdict(warm)
+    if not warm.fillers:  # the plain task keeps the key it had before fillers existed
+        del warm_shape["fillers"]
     shape = {
         "spec": asdict(spec),
-        "warm": asdict(warm),
+        "warm": warm_shape,
         "vocab": tokenizer.get_vocab(),
         "torch": torch.__version__.split("+")[0],
     }
@@ -181,7 +185,7 @@ def _supervised_training(model, tokenizer, warm: WarmStart, progress: bool) -> N
     from oar_kernels.grpo.rollout import HFRollouts
     from oar_kernels.grpo.task import make_dataset, reward
 
-    rng = random.Random(warm.seed)
+    rng, filler_rng = random.Random(warm.seed), random.Random(f"fillers-{warm.seed}")
     validation = make_dataset(warm.validation_size, warm.seed + 7919, warm.digits)
     prompts = [prompt_ids(tokenizer, p) for p in validation]
     greedy = HFRollouts(model, tokenizer, max_new_tokens=_solution_budget(warm), temperature=1.0)
@@ -192,7 +196,10 @@ def _supervised_training(model, tokenizer, warm: WarmStart, progress: bool) -> N
         bar = tqdm(range(1, warm.max_steps + 1), desc="warm start", disable=not progress)
         for step in bar:
             model.train()
-            problems = [make_problem(rng, warm.digits) for _ in range(warm.batch_size)]
+            problems = [
+                make_problem(rng, warm.digits, warm.fillers, filler_rng)
+                for _ in range(warm.batch_size)
+            ]
             input_ids, attention_mask, labels = supervised_batch(tokenizer, problems)
             for group in optimizer.param_groups:
                 group["lr"] = warm.lr * min(1.0, step / warm.warmup_steps)
@@ -214,4 +221,4 @@ def _supervised_training(model, tokenizer, warm: WarmStart, progress: bool) -> N
 
 def _solution_budget(warm: WarmStart) -> int:
     """Tokens a worked solution of `digits`-digit operands needs, with room to spare."""
-    return 32 * (warm.digits + 1)
+    return 32 * (warm.digits + 1) + filler_tokens(warm.digits, warm.fillers)

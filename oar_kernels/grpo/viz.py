@@ -9,6 +9,7 @@ PNGs need matplotlib (`pip install 'oar-kernels[demo]'`); the HTML heatmap needs
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
 
 from oar_kernels.grpo.config import ConfigError
@@ -33,6 +34,13 @@ def load_run(run_dir: str | Path) -> dict:
         "metrics": read_jsonl(run_dir / METRICS),
         "samples": read_jsonl(run_dir / SAMPLES),
     }
+
+
+def _label(run: dict) -> str:
+    """A run's arm: its directory's name without "-seedN" (as demo and study name them),
+    else its method."""
+    name = re.sub(r"-seed\d+$", "", run["dir"].name)
+    return name if name != run["dir"].name else run["config"]["method"]
 
 
 def _matplotlib():
@@ -64,7 +72,7 @@ def plot_curves(runs: list[dict], path: Path) -> bool:
     fig, (ax_reward, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
     by_method: dict[str, list[dict]] = {}
     for run in runs:
-        by_method.setdefault(run["config"]["method"], []).append(run)
+        by_method.setdefault(_label(run), []).append(run)
     for method, group in by_method.items():
         color = COLORS.get(method)
         evals = []
@@ -113,17 +121,22 @@ def heatmap_html(samples: list[dict], path: Path, title: str = "OAR token weight
         f"<h1>{html.escape(title)}</h1>",
         "<p>Red: boosted (pivotal) tokens, blue: damped, grey: not scored (the answer). "
         "The weights multiply the rollout's GRPO advantage; over the scored span they "
-        "average 1.</p>",
+        "average 1. Filler characters (the filler task) are in grey italics; a wrong "
+        "completion's first token off the reference solution is boxed.</p>",
     ]
     for sample in samples:
         parts.append(
             f"<h3>{html.escape(sample['method'])}, step {sample['step']}: reward "
             f"{sample['reward']:.0f}, GRPO advantage {sample['advantage']:+.2f}</h3><div class=c>"
         )
-        for token, weight, scored in zip(sample["tokens"], sample["weights"], sample["scored"]):
+        fillers = sample.get("filler") or [False] * len(sample["tokens"])
+        cells = zip(sample["tokens"], sample["weights"], sample["scored"], fillers)
+        for index, (token, weight, scored, filler) in enumerate(cells):
+            style = f"background:{_weight_color(weight, scored)}"
+            style += ";color:#777;font-style:italic" if filler else ""
+            style += ";outline:2px solid black" if index == sample.get("departure") else ""
             parts.append(
-                f"<span style='background:{_weight_color(weight, scored)}' "
-                f"title='w={weight:.3f}'>{html.escape(token)}</span>"
+                f"<span style='{style}' title='w={weight:.3f}'>{html.escape(token)}</span>"
             )
         parts.append("</div>")
     Path(path).write_text("\n".join(parts))
@@ -141,7 +154,9 @@ def heatmap_png(samples: list[dict], path: Path) -> bool:
     lines = []  # (text, y) per sample header and token row
     for sample in samples:
         lines.append(("header", sample))
-        cells = list(zip(sample["tokens"], sample["weights"], sample["scored"]))
+        fillers = sample.get("filler") or [False] * len(sample["tokens"])
+        marks = [i == sample.get("departure") for i in range(len(fillers))]
+        cells = list(zip(sample["tokens"], sample["weights"], sample["scored"], fillers, marks))
         for start in range(0, len(cells), WRAP):
             lines.append(("cells", cells[start : start + WRAP]))
     fig, ax = plt.subplots(figsize=(WRAP * 0.16 + 1, len(lines) * 0.32 + 0.6))
@@ -159,12 +174,22 @@ def heatmap_png(samples: list[dict], path: Path) -> bool:
                 weight="bold",
             )
             continue
-        for x, (token, weight, scored) in enumerate(content):
+        for x, (token, weight, scored, filler, departure) in enumerate(content):
             color = cmap(norm(min(weight, 2.0))) if scored else (0.93, 0.93, 0.93, 1)
             ax.add_patch(plt.Rectangle((x, y + 0.1), 1, 0.8, color=color, lw=0))
+            if departure:  # a wrong completion's first token off the reference
+                ax.add_patch(plt.Rectangle((x, y + 0.1), 1, 0.8, fill=False, lw=1.5))
             glyph = token.replace("\n", "⏎").replace("$", r"\$") or " "
             ax.text(
-                x + 0.5, y + 0.55, glyph, ha="center", va="center", family="monospace", fontsize=7
+                x + 0.5,
+                y + 0.55,
+                glyph,
+                ha="center",
+                va="center",
+                family="monospace",
+                fontsize=7,
+                color="0.45" if filler else "black",  # filler characters in grey
+                style="italic" if filler else "normal",
             )
     fig.colorbar(
         plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, fraction=0.02, label="Bi-Level weight"

@@ -1,0 +1,169 @@
+"""`oar-kernels study`: does OAR assign credit better than GRPO? The design of
+docs/study/DESIGN.md, run as arms x filler counts x seeds.
+
+Runs go seed by seed (every arm and F of seed 0, then seed 1, ...), so a study stopped early
+holds complete paired sets; a run whose metrics reach the last step is not run again, so a
+stopped study continues where it stopped. The table is rewritten after every run.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+from oar_kernels.grpo import stats, viz
+from oar_kernels.grpo.config import TrainConfig
+from oar_kernels.grpo.loop import METRICS, read_jsonl, train
+
+# Each arm: a method and the settings that make it (the rest is TrainConfig's defaults).
+# "-authors" are the released code's defaults: OAR-P with the KL at the first answer
+# position (mode "last"), OAR-G with answer_mean and noise 1e-3 (the package's default
+# noise in the KL modes).
+ARMS = {
+    "grpo": {"method": "grpo"},
+    "oar-g": {"method": "oar-g"},
+    "oar-g-shuffled": {"method": "oar-g-shuffled"},
+    "oar-g-inverted": {"method": "oar-g-inverted"},
+    "oar-g-authors": {"method": "oar-g", "oar_mode": "answer_mean"},
+    "oar-p": {"method": "oar-p"},
+    "oar-p-shuffled": {"method": "oar-p-shuffled"},
+    "oar-p-authors": {"method": "oar-p", "oar_mode": "last"},
+}
+BASELINE = "grpo"
+PRESETS = {
+    # the pilot that sizes the study (DESIGN.md, "Seed count")
+    "pilot": {"arms": ("grpo", "oar-g"), "fillers": (24,), "seeds": 3},
+    # the full design; seeds as DESIGN.md's rule gives them from the pilot
+    "study": {"arms": tuple(ARMS), "fillers": (24, 0), "seeds": 10},
+}
+FAITHFULNESS = ("filler_weight_share", "departure_percentile", "ess_ratio")
+
+
+def run_config(arm: str, fillers: int, seed: int, steps: int, out: Path, **overrides):
+    return TrainConfig.from_dict(
+        {
+            **ARMS[arm],
+            "task": "filler",
+            "fillers": fillers,
+            "seed": seed,
+            "steps": steps,
+            "out_dir": str(out / f"F{fillers}" / f"{arm}-seed{seed}"),
+            **overrides,
+        }
+    )
+
+
+def finished(out_dir: Path, steps: int) -> bool:
+    records = read_jsonl(out_dir / METRICS) if (out_dir / METRICS).exists() else []
+    return any(r.get("step") == steps and "eval_accuracy" in r for r in records)
+
+
+def summarise_run(out_dir: Path) -> dict:
+    """AUC, final pass@1 and the faithfulness metrics (mean over training steps) of a run."""
+    records = read_jsonl(out_dir / METRICS)
+    points = [(r["step"], r["eval_accuracy"]) for r in records if "eval_accuracy" in r]
+    trained = [r for r in records if "reward" in r]
+    summary = {"auc": stats.auc(points), "final": points[-1][1], "start": points[0][1]}
+    for key in FAITHFULNESS:
+        values = [r[key] for r in trained if key in r]
+        summary[key] = statistics.fmean(values) if values else None
+    return summary
+
+
+def _ci(values: list[float]) -> str:
+    ci = stats.mean_ci(values)
+    return f"{ci.mean:.3f} [{ci.low:.3f}, {ci.high:.3f}]"
+
+
+def _mean(values: list) -> str:
+    kept = [v for v in values if v is not None]
+    return f"{statistics.fmean(kept):.3f}" if kept else "—"
+
+
+def results_table(summaries: dict[int, dict[str, dict[int, dict]]]) -> str:
+    """Markdown: per F and arm, AUC and final pass@1 (mean [95% t CI] over seeds), the
+    paired AUC difference to GRPO over the seeds both have (mean [CI], exact sign-flip p,
+    seeds better, d_z), and the faithfulness means. summaries[F][arm][seed] = summarise_run."""
+    lines = [
+        "| F | arm | seeds | AUC pass@1 [95% CI] | final pass@1 [95% CI] | AUC − grpo "
+        "[95% CI] | sign-flip p | better | d_z | filler weight share | departure pct | ESS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for fillers, arms in summaries.items():
+        baseline = arms.get(BASELINE, {})
+        for arm, runs in arms.items():
+            seeds = sorted(runs)
+            if not seeds:  # not run yet
+                continue
+            cells = ["—", "—", "—", "—"]
+            common = [s for s in seeds if s in baseline]
+            if arm != BASELINE and len(common) >= 2:
+                result = stats.paired(
+                    [runs[s]["auc"] for s in common], [baseline[s]["auc"] for s in common]
+                )
+                cells = [
+                    str(result.difference),
+                    f"{result.p:.3f}",
+                    f"{result.better}/{len(common)}",
+                    f"{result.d_z:+.2f}",
+                ]
+            lines.append(
+                f"| {fillers} | {arm} | {len(seeds)} | {_ci([runs[s]['auc'] for s in seeds])} | "
+                f"{_ci([runs[s]['final'] for s in seeds])} | {' | '.join(cells)} | "
+                + " | ".join(_mean([runs[s][k] for s in seeds]) for k in FAITHFULNESS)
+                + " |"
+            )
+    return "\n".join(lines)
+
+
+def run(
+    out_dir: str | Path,
+    *,
+    arms: tuple[str, ...],
+    fillers: tuple[int, ...],
+    seeds: int,
+    first_seed: int = 0,
+    steps: int = 30,
+    progress: bool = True,
+    **overrides,
+) -> dict:
+    """Run (or continue) the study; writes results.md/.json and the pictures under out_dir."""
+    out = Path(out_dir)
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise ValueError(f"unknown arm(s) {unknown}; arms are {', '.join(ARMS)}")
+    began = time.perf_counter()
+    summaries: dict[int, dict[str, dict[int, dict]]] = {f: {a: {} for a in arms} for f in fillers}
+    for seed in range(first_seed, first_seed + seeds):
+        for count in fillers:
+            for arm in arms:
+                config = run_config(arm, count, seed, steps, out, progress=progress, **overrides)
+                run_dir = Path(config.out_dir)
+                if not finished(run_dir, steps):
+                    train(config, overwrite=True)
+                summaries[count][arm][seed] = summarise_run(run_dir)
+                _write_results(out, summaries, began)
+    _write_pictures(out, summaries)
+    return summaries
+
+
+def _write_results(out: Path, summaries: dict, began: float) -> None:
+    table = results_table(summaries)
+    minutes = (time.perf_counter() - began) / 60
+    header = (
+        f"Held-out pass@1 ({TrainConfig.eval_size} problems x {TrainConfig.eval_samples} "
+        f"samples), AUC = mean over the eval points after step 0; {minutes:.1f} min of runs "
+        "in this invocation (finished runs found on disk are not rerun)."
+    )
+    (out / "results.md").write_text(f"{header}\n\n{table}\n")
+    (out / "results.json").write_text(json.dumps(summaries, indent=1))
+    print(f"\n{table}\n", flush=True)
+
+
+def _write_pictures(out: Path, summaries: dict) -> None:
+    for count, arms in summaries.items():
+        dirs = [out / f"F{count}" / f"{a}-seed{s}" for a, runs in arms.items() for s in runs]
+        if dirs:
+            viz.render(dirs, out / f"F{count}")

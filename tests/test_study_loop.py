@@ -1,0 +1,49 @@
+"""The loop on the filler task, with a control method, logs the faithfulness metrics; the
+study tabulates finished runs (a seconds-long untrained model: no warm start)."""
+
+import pytest
+
+from oar_kernels import cli
+from oar_kernels.grpo import study
+from oar_kernels.grpo.loop import METRICS, SAMPLES, read_jsonl
+
+TINY = dict(
+    device="cpu",
+    prompts_per_step=2,
+    num_generations=2,
+    max_new_tokens=8,
+    eval_size=2,
+    eval_samples=1,
+    warm_start_max_steps=0,
+    progress=False,
+)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("OAR_KERNELS_CACHE", str(tmp_path / "cache"))
+
+
+def test_study_runs_log_faithfulness_and_finished_runs_are_reused(cache, tmp_path):
+    out = tmp_path / "study"
+    kwargs = dict(arms=("grpo", "oar-g-inverted"), fillers=(2,), seeds=2, steps=1, **TINY)
+    summaries = study.run(out, **kwargs)
+    table = (out / "results.md").read_text()
+    assert "| 2 | oar-g-inverted | 2 |" in table and "sign-flip p" in table
+    assert set(summaries[2]["grpo"]) == {0, 1}
+    for arm in kwargs["arms"]:
+        record = read_jsonl(out / "F2" / f"{arm}-seed0" / METRICS)[1]
+        assert {"filler_weight_share", "filler_token_share", "ess_ratio"} <= set(record)
+    assert summaries[2]["grpo"][0]["ess_ratio"] == pytest.approx(1.0)
+    sample = read_jsonl(out / "F2" / "oar-g-inverted-seed0" / SAMPLES)[0]
+    assert len(sample["filler"]) == len(sample["tokens"])
+    metrics = out / "F2" / "grpo-seed0" / METRICS
+    mtime = metrics.stat().st_mtime_ns
+    study.run(out, **kwargs)  # finished runs are tabulated, not rerun
+    assert metrics.stat().st_mtime_ns == mtime
+
+
+def test_cli_study_refuses_unknown_arms(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["study", "--arms", "grpo,ppo"])
+    assert "must come from" in capsys.readouterr().err
