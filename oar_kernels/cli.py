@@ -106,9 +106,9 @@ def _dispatch(args) -> int:
 
         info()
     elif args.command == "reshape-demo":
-        from oar_kernels import demo
+        from oar_kernels import reshape_demo
 
-        demo.run(batch=args.batch, seed=args.seed)
+        reshape_demo.run(batch=args.batch, seed=args.seed)
     elif args.command == "train":
         from oar_kernels.grpo.config import TrainConfig
         from oar_kernels.grpo.loop import train
