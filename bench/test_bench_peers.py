@@ -20,6 +20,7 @@ import torch
 from test_bench_logprobs import _loss_batch, full_logits, trl_chunked
 
 import oar_kernels as ok
+from oar_kernels.logprobs import BACKEND_VARIABLE, uses_fused
 from oar_kernels.testing import assert_verbose_allclose, peak_bytes_in_subprocess, synchronized
 
 CUDA = torch.cuda.is_available()
@@ -35,8 +36,6 @@ SHAPE_IDS = [f"N{n}-H{h}-V{v}" for n, h, v in SHAPES]
 # (rtol, atol) against the float32 full-logits result, per input dtype (as tests/ use).
 LOGPROB_TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (5e-2, 5e-2)}
 LOSS_TOLERANCE = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (5e-2, 5e-3)}
-# Read by oar::token_logprobs at each call; "fused" picks the one-pass Triton kernel (CUDA).
-BACKEND_ENV = "OAR_KERNELS_LOGPROB_BACKEND"
 CCE_IMPL = "cce" if CUDA else "torch_compile"  # cut-cross-entropy's own kernels need CUDA
 FLOOR = "gemm-floor"
 BASELINES = ("full-logits", "loss-unfused")
@@ -110,12 +109,20 @@ LOGPROBS = {
     "liger-flce": liger_flce,
     "cce": cut_ce,
     "oar-chunked": ok.token_logprobs,
-    "oar-fused": ok.token_logprobs,  # with BACKEND_ENV=fused
+    "oar-fused": ok.token_logprobs,  # under FUSED
 }
-LOSSES = {"loss-unfused": loss_unfused, "loss-oar": loss_oar, "loss-liger": loss_liger}
+LOSSES = {
+    "loss-unfused": loss_unfused,
+    "loss-oar": loss_oar,
+    "loss-oar-fused": loss_oar,  # under FUSED
+    "loss-liger": loss_liger,
+}
 IMPLS = {**LOGPROBS, **LOSSES}
-ENV = {"oar-fused": {BACKEND_ENV: "fused"}}
+# Our lm-head ops read the backend at each call; "fused" is the one-pass Triton kernel (CUDA).
+FUSED = {BACKEND_VARIABLE: "fused"}
+ENV = {"oar-fused": FUSED, "loss-oar-fused": FUSED}
 LABELS = {"cce": "cce" if CUDA else "cce-torch-compile"}
+COMPILED = {"full-logits-compile", "loss-liger", *([] if CUDA else ["cce"])}
 PEERS = {
     "trl-chunked": ("trl", "trl.kernels"),
     "liger-flce": ("liger-kernel", "liger_kernel.transformers.functional"),
@@ -125,6 +132,7 @@ PEERS = {
 CUDA_ONLY = {
     "liger-flce": "Liger's fused linear cross entropy launches Triton kernels: CUDA only",
     "oar-fused": "the fused Triton backend runs on CUDA only",
+    "loss-oar-fused": "the fused Triton backend runs on CUDA only",
 }
 
 
@@ -179,18 +187,26 @@ def _expected(kind, rows, width, vocab):
 
 
 def _step(impl, backward, hidden, weight, targets):
+    """The timed call: it returns the row's values (the floor: None)."""
     if impl == FLOOR:
         return lambda: gemm_floor(hidden, weight, backward)
     fn = IMPLS[impl]
-    if not backward:
-        return lambda: fn(hidden, weight, targets)
-    return lambda: torch.autograd.grad(fn(hidden, weight, targets).sum(), (hidden, weight))
+
+    def step():
+        values = fn(hidden, weight, targets)
+        if backward:
+            torch.autograd.grad(values.sum(), (hidden, weight))
+        return values
+
+    return step
 
 
 def _peak_mb(impl, backward, shape, step):
-    """Memory one warm call adds: CUDA's allocator peak in this process (exact, and a fresh
-    CUDA process per row would eat the device's time); on CPU the resident set of a fresh
-    process (oar_kernels.testing)."""
+    """Memory a call adds. CUDA: the allocator's peak over a warm call, in this process
+    (exact; a fresh CUDA process per row would eat the device's time). CPU: the resident set
+    of a fresh process (oar_kernels.testing) over its first call, or its second for the rows
+    that compile, so that the compiler is not counted (a warm call would reuse the heap the
+    first one left, and read lower than it needs)."""
     if CUDA:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -203,30 +219,32 @@ sys.path.insert(0, {str(Path(__file__).parent)!r})
 os.environ.update({ENV.get(impl, {})!r})
 from test_bench_peers import _inputs, _step
 step = _step({impl!r}, {backward}, *_inputs(*{shape!r}, {backward}))
-step()
+if {impl in COMPILED!r}:
+    step()
 """
     return peak_bytes_in_subprocess(setup, "step()", DEVICE) / 2**20
 
 
 def _check_and_time(benchmark, monkeypatch, impl, kind, backward, shape, group):
-    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.delenv(BACKEND_VARIABLE, raising=False)
     for name, value in ENV.get(impl, {}).items():
         monkeypatch.setenv(name, value)
     _import_peer(impl)
     hidden, weight, targets = _inputs(*shape, backward)
+    if impl.startswith(("oar", "loss-oar")):  # the row runs the backend it is named for
+        assert uses_fused(hidden) == (impl in ENV), f"{impl}: {BACKEND_VARIABLE} not followed"
+    step = synchronized(_step(impl, backward, hidden, weight, targets), DEVICE)
+    values = step()  # compiles, autotunes; checked before anything is timed
     if impl != FLOOR:
         rtol, atol = (LOGPROB_TOLERANCE if kind == "logprobs" else LOSS_TOLERANCE)[DTYPE]
-        got = IMPLS[impl](hidden, weight, targets).detach().float()
-        assert_verbose_allclose(got, _expected(kind, *shape), rtol=rtol, atol=atol, name=impl)
-    step = synchronized(_step(impl, backward, hidden, weight, targets), DEVICE)
+        got, want = values.detach().float(), _expected(kind, *shape)
+        assert_verbose_allclose(got, want, rtol=rtol, atol=atol, name=impl)
     label = LABELS.get(impl, impl) if impl != FLOOR else FLOOR + ("-x3" if backward else "")
     benchmark.group = group
     benchmark.extra_info.update(impl=label, baseline=impl in BASELINES)
-    if not benchmark.disabled:
-        if backward or impl == FLOOR:  # the value check warmed a forward row
-            step()  # compiles, autotunes
-        if CUDA or backward:  # a CPU process per forward row would double the CPU run
-            benchmark.extra_info["peak_mb"] = _peak_mb(impl, backward, shape, step)
+    # A CPU process per forward row would double the CPU run: those rows have no peak there.
+    if not benchmark.disabled and (CUDA or backward):
+        benchmark.extra_info["peak_mb"] = _peak_mb(impl, backward, shape, step)
     benchmark.pedantic(step, rounds=3, warmup_rounds=0)
 
 
