@@ -78,11 +78,15 @@ LOG2_E = 1.4426950408889634
 
 def _centred(logits, shift, temperature, *, out):
     """out = logits / temperature - shift[:, None] in out's float dtype (out may be logits)."""
-    if temperature == 1.0:
+    if temperature == 1.0 and logits.dtype == out.dtype:
         return torch.sub(logits, shift[:, None], out=out)
+    # Half-precision logits are converted first: a mixed-dtype sub takes an unvectorised
+    # path on CPU (6x slower than the conversion), and a half division rounds before the cast.
     if out is not logits:
-        out.copy_(logits)  # a half-precision division would round before the cast
-    return out.div_(temperature).sub_(shift[:, None])
+        out.copy_(logits)
+    if temperature != 1.0:
+        out.div_(temperature)
+    return out.sub_(shift[:, None])
 
 
 def _exp_(centred):
@@ -356,11 +360,12 @@ def _float_out_addmm(acc, a, b) -> bool:
 def add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b. Half-precision products stay half-precision GEMMs (tensor cores) summed in
     acc's float32: straight into acc where the GEMM can write float32 (CUDA), else each chunk's
-    product is rounded once through a half-precision temporary."""
+    product is rounded once through a half-precision temporary (converted before the add: a
+    mixed-dtype add is unvectorised on CPU)."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
     elif not _float_out_addmm(acc, a, b):
-        acc += a @ b
+        acc += (a @ b).to(acc.dtype)
 
 
 def row_chunks(rows: int, vocab: int, device: torch.device):
