@@ -7,8 +7,8 @@
 # Leaves in OUTDIR: report.md (device, versions, test summary, ratio tables), info.txt,
 # pip-list.txt, tests.log + tests.xml, bench_<name>.log + bench_<name>.json, install.log
 # (+ peers-install.log). When bench/peers/ holds wheels (bash bench/peers.sh download, on a
-# machine with network), they are installed --no-deps --no-index first, so the peer
-# shoot-out (bench/test_bench_peers.py) runs in the same call.
+# machine with network), they are installed --no-deps --no-index before the benchmarks, so
+# the peer shoot-out (bench/test_bench_peers.py) runs in the same call.
 # Budget (seconds, overridable): TOTAL_BUDGET=460 for the whole script, which cuts each
 # step's own budget to what is left: TEST_BUDGET=150 of tests, TRAIN_BUDGET=60 of GPU
 # training, then per benchmark file (BENCHES="name:seconds ...", in order) peers 200,
@@ -45,12 +45,6 @@ nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 # --no-deps: the device machine has torch/triton/pytest and no network.
 "$py" -m pip install --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 \
   || { echo "install failed, see install.log"; tail -20 "$out/install.log"; exit 1; }
-# The shoot-out's peers, carried as wheels (no network here); never their dependencies.
-if compgen -G "bench/peers/*.whl" > /dev/null; then
-  bash bench/peers.sh install > "$out/peers-install.log" 2>&1 \
-    || { echo "peer install failed, see peers-install.log"; tail -5 "$out/peers-install.log"; }
-fi
-"$py" -m pip list > "$out/pip-list.txt" 2>&1
 "$py" -m oar_kernels info | tee "$out/info.txt"
 
 # Parallel workers mostly overlap Triton's JIT compiles; a per-test limit keeps one hang from
@@ -68,6 +62,14 @@ unset OMP_NUM_THREADS
 run_step "${TRAIN_BUDGET:-60}" "$py" -m oar_kernels train --device cuda --method oar-g \
   --steps 10 --eval-every 5 --out-dir "$out/gpu-train" --no-progress 2>&1 | tee "$out/train.log"
 train_rc=${PIPESTATUS[0]}
+# The shoot-out's peers, carried as wheels (no network here), never their dependencies;
+# installed after the tests, whose TRL adapter tests would otherwise meet a trl without
+# accelerate/datasets.
+if compgen -G "bench/peers/*.whl" > /dev/null; then
+  bash bench/peers.sh install > "$out/peers-install.log" 2>&1 \
+    || { echo "peer install failed, see peers-install.log"; tail -5 "$out/peers-install.log"; }
+fi
+"$py" -m pip list > "$out/pip-list.txt" 2>&1
 # One run per benchmark file, each with its own budget and JSON, so a slow one cannot take
 # the others' results with it; a hung row (a peer's JIT) fails alone.
 bench_rc=0
