@@ -8,7 +8,12 @@ import torch
 
 from oar_kernels import reshape
 from oar_kernels._checks import require_finite
-from oar_kernels.importance.gradient import clean_sequence_logprobs, run_gradient_importance
+from oar_kernels.importance.gradient import (
+    GRADIENT_OVERFLOW,
+    clean_sequence_logprobs,
+    require_finite_scores,
+    run_gradient_importance,
+)
 from oar_kernels.importance.perturbation import perturbation_importance
 
 METHODS = ("gradient", "perturbation")
@@ -53,6 +58,9 @@ def oar_advantages(
     advantages: [B] (GRPO's per-sequence advantages) or [B, T]. Other arguments as in
     `gradient_importance`, `perturbation_importance` and `reshape_advantages`. B = 0 or T = 0
     gives empty [B, T] fields.
+    Host reads (OAR-G): the advantages' finiteness, the batch checks, and finite scores and
+    weighted advantages together at the end; the decoder adds its own (transformers reads the
+    attention mask to pick the SDPA path).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -91,14 +99,32 @@ def oar_advantages(
             max_batch_tokens=max_batch_tokens,
             noise=None,
             want_old_logprobs=True,
+            check_finite=False,  # read with the weighted advantages below
         )
     reshape.check_advantages(advantages, scores)
     weights = reshape.bilevel_weights(
-        scores, score_mask, tau=tau, beta=beta, floor=floor, preserve_mass=preserve_mass
+        scores,
+        score_mask,
+        tau=tau,
+        beta=beta,
+        floor=floor,
+        preserve_mass=preserve_mass,
+        check_finite=False,
     )
-    return OARAdvantages(
-        reshape.weigh_advantages(advantages.detach(), weights), scores, weights, old_logprobs
-    )
+    weighted = reshape.weigh_advantages(advantages.detach(), weights, check_finite=False)
+    _require_finite_outputs(scores, weights, weighted, advantages)
+    return OARAdvantages(weighted, scores, weights, old_logprobs)
+
+
+def _require_finite_outputs(scores, weights, weighted, advantages) -> None:
+    """Finite scores and weighted advantages, in one read back to the host: their float64
+    sum is finite exactly when every term is (float32 terms cannot overflow it). The checks
+    that name the fault run only when something is wrong."""
+    total = scores.sum(dtype=torch.float64) + weighted.sum(dtype=torch.float64)
+    if bool(total - total == 0):  # NaN for an Inf or NaN
+        return
+    require_finite_scores(scores, GRADIENT_OVERFLOW)
+    reshape.weigh_advantages(advantages.detach(), weights)  # raises the overflow's message
 
 
 def weight_statistics(weights: torch.Tensor, score_mask: torch.Tensor) -> dict[str, float]:
@@ -108,18 +134,28 @@ def weight_statistics(weights: torch.Tensor, score_mask: torch.Tensor) -> dict[s
     weight mass on its top 10% scored tokens (0.1 when the weights are flat); weight_min,
     weight_max and weight_std are over all scored tokens. Empty dict when nothing is scored.
     """
-    scored = weights[score_mask.bool()]
-    if scored.numel() == 0:
+    if weights.numel() == 0:
         return {}
-    shares = []
-    for row, mask in zip(weights, score_mask.bool()):
-        w = row[mask]
-        if w.numel():
-            top = w.topk(max(1, int(0.1 * w.numel()))).values.sum()
-            shares.append((top / w.sum()).item())
-    return {
-        "top10_mass": sum(shares) / len(shares),
-        "weight_min": scored.min().item(),
-        "weight_max": scored.max().item(),
-        "weight_std": scored.float().std(correction=0).item(),
-    }
+    mask = score_mask.bool()
+    counts = mask.sum(dim=1)
+    scored = torch.where(mask, weights, 0.0)
+    tokens = counts.sum().clamp(min=1)
+    # Each row's top max(1, int(0.1 n)) scored weights: the head of its descending sort.
+    ordered = torch.where(mask, weights, float("-inf")).sort(dim=1, descending=True).values
+    top_k = (counts.double() * 0.1).long().clamp(min=1)
+    in_top = torch.arange(weights.shape[1], device=weights.device) < top_k[:, None]
+    shares = torch.where(in_top, ordered, 0.0).sum(dim=1) / scored.sum(dim=1)
+    rows = counts > 0
+    mean = scored.sum() / tokens
+    summary = torch.stack(
+        [
+            torch.where(rows, shares, 0.0).sum() / rows.sum().clamp(min=1),
+            torch.where(mask, weights, float("inf")).amin(),
+            torch.where(mask, weights, float("-inf")).amax(),
+            (torch.where(mask, weights - mean, 0.0).square().sum() / tokens).sqrt(),
+            counts.sum().to(weights.dtype),
+        ]
+    ).tolist()  # one read back to the host, not one per row
+    if summary[-1] == 0:  # nothing scored
+        return {}
+    return dict(zip(("top10_mass", "weight_min", "weight_max", "weight_std"), summary[:-1]))

@@ -4,7 +4,12 @@ One forward of the decoder on the (noised) input embeddings, the outcome objecti
 outcome positions' hidden states only (no [B, T, V] logits), one input-only backward
 (`torch.autograd.grad`; parameters are frozen for the pass and parameter `.grad` is never
 touched), then the saliency |sum_h g * e| on the scored tokens. Rows are independent, so the
-summed objective gives every row's gradient at once.
+summed objective gives every row's gradient at once. Every value check and every fact that
+picks the pass (answer token counts, noise) is read back to the host once, up front.
+
+The logits are the model's own: a scaled (Cohere `logit_scale`, Granite `logits_scaling`)
+or soft-capped (Gemma-2 `final_logit_softcapping`) head is read from the config
+(`logit_transform`) and applied wherever logits or logprobs are made.
 
 Also here: the `oar::saliency` op (reference, torch, Triton) for that last reduction.
 """
@@ -12,6 +17,8 @@ Also here: the `oar::saliency` op (reference, torch, Triton) for that last reduc
 from __future__ import annotations
 
 import contextlib
+import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -25,7 +32,7 @@ from oar_kernels._checks import (
 )
 from oar_kernels._ops import lib
 from oar_kernels._triton import on_device_of, tl, triton
-from oar_kernels.logprobs import token_logprobs
+from oar_kernels.logprobs import CHUNK_BYTES, token_logprobs
 
 MODES = ("answer_joint", "answer_mean", "last")
 
@@ -124,6 +131,70 @@ torch.library.register_autograd("oar::saliency", _saliency_backward, setup_conte
 CPU_BACKEND = "torch"
 CUDA_BACKEND = "triton" if triton is not None else "torch (triton not installed)"
 
+# ------------------------------------------------------------------ the model's logits
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model's forward does to its lm head's output l before the softmax:
+    z = scale * l, then z = softcap * tanh(z / softcap) when softcap is set (SPEC section 3's z
+    are the model's logits, so every outcome and logprob here goes through this)."""
+
+    scale: float = 1.0  # Cohere `logit_scale`; 1 / Granite `logits_scaling`
+    softcap: float | None = None  # Gemma-2 `final_logit_softcapping`
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        z = logits if self.scale == 1.0 else logits * self.scale
+        return z if self.softcap is None else self.softcap * torch.tanh(z / self.softcap)
+
+
+def logit_transform(model) -> LogitTransform:
+    """The model's logit transform, read from its (text) config; identity for plain heads."""
+    config = getattr(model, "config", None)
+    if config is not None and callable(getattr(config, "get_text_config", None)):
+        config = config.get_text_config()
+    scale = float(getattr(config, "logit_scale", None) or 1.0)
+    scale /= float(getattr(config, "logits_scaling", None) or 1.0)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return LogitTransform(scale, float(softcap) if softcap else None)
+
+
+def lm_head_parameters(model):
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits z [..., V] (float32, float64 for float64) of hidden states [..., H]."""
+    weight, bias = lm_head_parameters(model)
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return logit_transform(model)(logits.to(torch.promote_types(logits.dtype, torch.float32)))
+
+
+def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(z)[target] for hidden [..., H] and targets [...] (z: `head_logits`);
+    float32 (float64 for float64) shaped like targets, differentiable w.r.t. hidden.
+
+    A scaled head is token_logprobs at temperature 1 / scale (no logits in memory). A
+    soft-capped one is not linear, so its logits are made explicitly, in row chunks of
+    logprobs.CHUNK_BYTES.
+    """
+    weight, bias = lm_head_parameters(model)
+    transform = logit_transform(model)
+    if transform.softcap is None:
+        return token_logprobs(hidden, weight, targets, bias=bias, temperature=1.0 / transform.scale)
+    flat, goals = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    budget = CHUNK_BYTES.get(hidden.device.type, CHUNK_BYTES["cpu"])
+    rows = max(1, budget // (4 * weight.shape[0]))
+    parts = [
+        torch.log_softmax(head_logits(model, h), -1).gather(-1, t[:, None])[:, 0]
+        for h, t in zip(flat.split(rows), goals.split(rows))
+    ]
+    if not parts:  # no rows
+        return flat.new_zeros(targets.shape, dtype=torch.promote_types(flat.dtype, torch.float32))
+    return torch.cat(parts).reshape(targets.shape)
+
+
 # ------------------------------------------------------------------ outcome objectives
 
 
@@ -179,6 +250,43 @@ def eval_mode(model):
             module.training = training
 
 
+def _checkpoint_in_eval(layer, forward, *args):
+    """A layer's forward under non-reentrant activation checkpointing (it works with
+    torch.autograd.grad), run and recomputed in eval mode."""
+
+    def run(*inputs):
+        layer.training = False
+        try:
+            return forward(*inputs)
+        finally:
+            layer.training = True
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+
+@contextlib.contextmanager
+def _activation_checkpointing_kept(model):
+    """Layers the user checkpoints (model.gradient_checkpointing_enable()) stay checkpointed
+    in the input-gradient pass: transformers checkpoints a layer only in training mode, so the
+    layer is flagged training for its wrapper and runs in eval mode inside (no dropout). The
+    pass then holds layer inputs instead of every activation, at one more decoder forward."""
+    layers = [
+        m
+        for m in model.modules()
+        if getattr(m, "gradient_checkpointing", False) is True
+        and callable(getattr(m, "_gradient_checkpointing_func", None))
+    ]
+    saved = [(m, m.training, m._gradient_checkpointing_func) for m in layers]
+    for layer in layers:
+        layer.training = True
+        layer._gradient_checkpointing_func = functools.partial(_checkpoint_in_eval, layer)
+    try:
+        yield
+    finally:
+        for layer, training, func in saved:
+            layer.training, layer._gradient_checkpointing_func = training, func
+
+
 def _decode(model, embeds, attention_mask):
     out = model.get_decoder()(
         inputs_embeds=embeds,
@@ -189,69 +297,55 @@ def _decode(model, embeds, attention_mask):
     return out.last_hidden_state
 
 
-def lm_head_parameters(model):
-    head = model.get_output_embeddings()
-    return head.weight, getattr(head, "bias", None)
-
-
-def _answer_logprob_mean(model, hidden, input_ids, answer_mask):
-    """phi per row: mean over answer tokens t of log p(x_t | h_{t-1}) ([B])."""
-    weight, bias = lm_head_parameters(model)
-    rows, cols = answer_mask[:, 1:].nonzero(as_tuple=True)
-    cols = cols + 1  # answer token t is predicted at t - 1
-    logp = token_logprobs(hidden[rows, cols - 1], weight, input_ids[rows, cols], bias=bias)
-    total = torch.zeros(answer_mask.shape[0], dtype=logp.dtype, device=logp.device)
-    total = total.index_add(0, rows, logp)
+def _answer_logprob_mean(model, hidden, input_ids, answer_mask, answers):
+    """phi per row: mean over answer tokens t of log p(x_t | h_{t-1}) ([B]).
+    answers: [K, 2] (row, t - 1) of the K answer tokens."""
+    rows, before = answers.unbind(1)
+    logp = head_logprobs(model, hidden[rows, before], input_ids[rows, before + 1])
+    total = logp.new_zeros(answer_mask.shape[0]).index_add(0, rows, logp)
     return total / answer_mask[:, 1:].sum(dim=1).clamp(min=1)
 
 
-def _outcome_log_distribution(model, hidden, answer_mask, mode, last_pos, uses_last):
+def _outcome_log_distribution(model, hidden, answer_mask, answers, mode, last_pos, uses_last):
     """log P per row ([B, V]): softmax of the mean answer logits (answer_mean) or of the
     logits at last_pos (last, and rows without an answer span)."""
-    weight, bias = lm_head_parameters(model)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    logits = torch.nn.functional.linear(hidden[rows, last_pos], weight, bias)
+    logits = head_logits(model, hidden[rows, last_pos])
     if mode == "answer_mean":
-        # mean_t z_{t-1} = lm_head(mean_t h_{t-1}): the head is affine, so average first.
-        predicting = answer_mask[:, 1:].to(hidden.dtype)
-        mean_hidden = (predicting[..., None] * hidden[:, :-1]).sum(1)
-        mean_hidden = mean_hidden / predicting.sum(1, keepdim=True).clamp(min=1)
-        mean_logits = torch.nn.functional.linear(mean_hidden, weight, bias)
+        # Only the K answer positions' logits (a soft cap is not affine: no mean of h first).
+        answer_rows, before = answers.unbind(1)
+        total = torch.zeros_like(logits).index_add(
+            0, answer_rows, head_logits(model, hidden[answer_rows, before])
+        )
+        mean_logits = total / answer_mask[:, 1:].sum(dim=1, keepdim=True).clamp(min=1)
         logits = torch.where(uses_last[:, None], logits, mean_logits)
-    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+    return torch.log_softmax(logits, -1)
 
 
-def _objective(
-    model,
-    input_ids,
-    answer_mask,
-    mode,
-    clean_log_p,
-    noisy_hidden,
-    last_pos,
-    uses_last,
-):
+def _objective(model, input_ids, answer_mask, answers, mode, clean_log_p, noisy_hidden, outcome):
     """Sum over rows of J (SPEC section 5), differentiable through noisy_hidden."""
     total = 0.0
     if clean_log_p is not None:  # KL(P(x) || P_{e+eps}(x)) for KL rows
+        last_pos, uses_last = outcome
         noisy_log_p = _outcome_log_distribution(
-            model, noisy_hidden, answer_mask, mode, last_pos, uses_last
+            model, noisy_hidden, answer_mask, answers, mode, last_pos, uses_last
         )
         kl = (clean_log_p.exp() * (clean_log_p - noisy_log_p)).sum(-1)
         kl_rows = uses_last if mode == "answer_joint" else torch.ones_like(uses_last)
         total = total + torch.where(kl_rows, kl, 0.0).sum()
     if mode == "answer_joint":  # phi(x) - phi_{e+eps}(x); phi(x) is constant in e
-        phi = _answer_logprob_mean(model, noisy_hidden, input_ids, answer_mask)
-        total = total - torch.where(uses_last, 0.0, phi).sum()
+        # Rows without an answer span have no terms: their phi is 0.
+        total = (
+            total - _answer_logprob_mean(model, noisy_hidden, input_ids, answer_mask, answers).sum()
+        )
     return total
 
 
 def _sequence_logprobs(model, hidden, input_ids, attention_mask):
     """log p(x_t | x_<t) at every real token with a real predecessor, 0 elsewhere ([B, T])."""
-    weight, bias = lm_head_parameters(model)
     with torch.no_grad():
-        logp = token_logprobs(hidden[:, :-1].detach(), weight, input_ids[:, 1:], bias=bias)
-    valid = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+        logp = head_logprobs(model, hidden[:, :-1].detach(), input_ids[:, 1:])
+    valid = (attention_mask[:, 1:] & attention_mask[:, :-1]).bool()
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     out[:, 1:] = torch.where(valid, logp, 0.0)
     return out
@@ -267,34 +361,52 @@ def clean_sequence_logprobs(model, input_ids, attention_mask):
         return _sequence_logprobs(model, hidden, input_ids, attention_mask.long())
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What the one host read decided for a micro-batch."""
+
+    answer_tokens: int  # K, the answer tokens of its rows
+    noisy: bool  # the noise has a nonzero element
+    has_last_rows: bool  # a row without an answer span (it uses `last`)
+
+
 def _gradient_importance_batch(
-    model, input_ids, attention_mask, score_mask, answer_mask, mode, noise, want_old_logprobs
+    model, input_ids, attention_mask, score_mask, answer_mask, mode, noise, plan, want_old_logprobs
 ):
     """Scores [B, T] and, if asked, the clean per-token logprobs [B, T] of the same pass."""
     embeds = model.get_input_embeddings()(input_ids).detach()
-    last_pos, uses_last = outcome_positions(attention_mask, answer_mask, mode)
-    noiseless = not bool(noise.any())
+    # (row, t - 1) of the K answer tokens; K is known on the host, so no read back.
+    answers = answer_mask[:, 1:].nonzero_static(size=plan.answer_tokens) if mode != "last" else None
     # A KL's gradient is exactly 0 without noise, so a noiseless joint pass leaves the rows
     # that fall back to `last` out: they score exactly 0, not rounding error that the reshape
     # would stretch into weights. (The KL modes refuse a noiseless pass.)
-    needs_kl = mode != "answer_joint" or (bool(uses_last.any()) and not noiseless)
+    needs_kl = mode != "answer_joint" or (plan.noisy and plan.has_last_rows)
+    outcome = outcome_positions(attention_mask, answer_mask, mode) if needs_kl else None
     clean_hidden = clean_log_p = None
     # The clean forward exists for the KL's P(x); without noise the grad forward is clean too.
-    if needs_kl or (want_old_logprobs and not noiseless):
+    if needs_kl or (want_old_logprobs and plan.noisy):
         with torch.no_grad():
             clean_hidden = _decode(model, embeds, attention_mask)
     if needs_kl:
         clean_log_p = _outcome_log_distribution(
-            model, clean_hidden, answer_mask, mode, last_pos, uses_last
+            model, clean_hidden, answer_mask, answers, mode, *outcome
         )
-    leaf = embeds.clone().requires_grad_()
-    noisy = leaf + noise * score_mask[..., None].to(noise.dtype)
-    hidden = _decode(model, noisy.to(embeds.dtype), attention_mask)
-    objective = _objective(
-        model, input_ids, answer_mask, mode, clean_log_p, hidden, last_pos, uses_last
-    )
-    (grad,) = torch.autograd.grad(objective, leaf)
-    scores = torch.ops.oar.saliency(grad, embeds, score_mask)
+    if needs_kl or plan.answer_tokens:
+        # dJ/de at e + noise is the gradient w.r.t. the noised input itself: that is the leaf.
+        noised = embeds + noise * score_mask[..., None].to(noise.dtype) if plan.noisy else embeds
+        leaf = noised.detach().requires_grad_()
+        with _activation_checkpointing_kept(model):
+            hidden = _decode(model, leaf, attention_mask)
+            objective = _objective(
+                model, input_ids, answer_mask, answers, mode, clean_log_p, hidden, outcome
+            )
+            (grad,) = torch.autograd.grad(objective, leaf)
+        scores = torch.ops.oar.saliency(grad, embeds, score_mask)
+    else:  # no objective (no answer token, no KL row): scores 0, a forward for the logprobs
+        scores, _ = _zero_outputs(input_ids, False)
+        if want_old_logprobs and clean_hidden is None:
+            with torch.no_grad():
+                hidden = _decode(model, embeds, attention_mask)
     old_logprobs = None
     if want_old_logprobs:
         source = hidden if clean_hidden is None else clean_hidden
@@ -333,43 +445,48 @@ def vocab_size(model) -> int:
     return model.get_input_embeddings().weight.shape[0]
 
 
-def _require_spans_inside_rows(model, input_ids, attention_mask, score_mask, answer_mask):
+def _span_violations(model, input_ids, attention_mask, score_mask, answer_mask):
     """Each row is one contiguous run of real tokens holding the score span and, after it,
-    the answer span; anything else would score padding or read logits nobody defined."""
-    first_real = attention_mask.clone()
-    first_real[:, 1:] &= ~attention_mask[:, :-1]
+    the answer span; anything else would score padding or read logits nobody defined.
+    Returns (messages, [len(messages)] bool flags, True where violated); nothing is read."""
+    padding = ~attention_mask
+    starts = attention_mask.clone()  # the first real token of each run
+    starts[:, 1:] &= padding[:, :-1]
     vocab = vocab_size(model)
-    violations = {
-        "attention_mask must mark one contiguous run of real tokens per row "
-        "(left or right padding)": first_real.sum(dim=1) > 1,
-        "score_mask must lie inside attention_mask (it is set on padding)": score_mask
-        & ~attention_mask,
-        "answer_mask must lie inside attention_mask (it is set on padding)": answer_mask
-        & ~attention_mask,
+    elementwise = {
+        "score_mask must lie inside attention_mask (it is set on padding)": score_mask & padding,
+        "answer_mask must lie inside attention_mask (it is set on padding)": answer_mask & padding,
         "score_mask and answer_mask must not overlap: the answer comes after the score span "
         "(SPEC section 2)": score_mask & answer_mask,
         "answer_mask must not cover a row's first real token: no position predicts it": (
-            answer_mask & first_real
+            answer_mask & starts
         ),
         f"input_ids must lie in [0, {vocab}), the model's vocabulary": (input_ids < 0)
         | (input_ids >= vocab),
     }
-    found = torch.stack([bad.any() for bad in violations.values()]).tolist()  # one sync
-    for message, bad in zip(violations, found):
+    messages = [
+        "attention_mask must mark one contiguous run of real tokens per row "
+        "(left or right padding)",
+        *elementwise,
+    ]
+    runs = (starts.sum(dim=1) > 1).any()
+    flags = torch.cat([runs[None], torch.stack(list(elementwise.values())).flatten(1).any(dim=1)])
+    return messages, flags
+
+
+def read_checks(messages, flags: torch.Tensor, counts: torch.Tensor | None = None) -> list[int]:
+    """Raises ValueError with the first message whose flag ([len(messages)] bool) is set;
+    returns `counts` ([N] integer) as ints. One read back to the host for all of it."""
+    values = flags.long() if counts is None else torch.cat([flags.long(), counts.long()])
+    found = values.tolist()  # the read
+    for message, bad in zip(messages, found):
         if bad:
             raise ValueError(message)
+    return found[len(messages) :]
 
 
-def check_batch(model, input_ids, attention_mask, score_mask, answer_mask, mode):
-    """Validates what both importance ops take; returns bool (attention, score, answer) masks.
-
-    The rules (ValueError naming the argument at fault; TypeError for a wrong type): input_ids
-    int64/int32 [B, T] inside the model's vocabulary; masks bool or integer [B, T]; everything
-    on the model's device; each row's real tokens one contiguous run; score_mask and
-    answer_mask inside attention_mask and disjoint (the answer follows the score span);
-    answer_mask off each row's first real token (no logits predict it). answer_mask None
-    means no row has an answer span (every row uses `last`).
-    """
+def _batch_violations(model, input_ids, attention_mask, score_mask, answer_mask, mode):
+    """check_batch without its read: ((attention, score, answer) bool masks, messages, flags)."""
     require_causal_lm(model)
     require_token_ids("input_ids", input_ids)
     shape = input_ids.shape
@@ -389,14 +506,36 @@ def check_batch(model, input_ids, attention_mask, score_mask, answer_mask, mode)
     )
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    _require_spans_inside_rows(model, input_ids, attention_mask, score_mask, answer_mask)
-    return attention_mask, score_mask, answer_mask
+    masks = (attention_mask, score_mask, answer_mask)
+    return (masks, *_span_violations(model, input_ids, *masks))
+
+
+def check_batch(model, input_ids, attention_mask, score_mask, answer_mask, mode):
+    """Validates what both importance ops take; returns bool (attention, score, answer) masks.
+
+    The rules (ValueError naming the argument at fault; TypeError for a wrong type): input_ids
+    int64/int32 [B, T] inside the model's vocabulary; masks bool or integer [B, T]; everything
+    on the model's device; each row's real tokens one contiguous run; score_mask and
+    answer_mask inside attention_mask and disjoint (the answer follows the score span);
+    answer_mask off each row's first real token (no logits predict it). answer_mask None
+    means no row has an answer span (every row uses `last`). One read back to the host.
+    """
+    masks, messages, flags = _batch_violations(
+        model, input_ids, attention_mask, score_mask, answer_mask, mode
+    )
+    read_checks(messages, flags)
+    return masks
 
 
 def require_finite_scores(scores: torch.Tensor, cause: str) -> None:
     """Finite inputs must not give NaN scores silently: an overflow in the model is an error."""
     if not bool(torch.isfinite(scores).all()):
         raise ValueError(f"importance scores came out non-finite (NaN or Inf): {cause}")
+
+
+GRADIENT_OVERFLOW = (
+    "the noised forward overflowed (noise_std too large?) or the model's weights are not finite"
+)
 
 
 def _check_gradient_arguments(mode, noise_std, generator, max_batch_tokens) -> float:
@@ -408,6 +547,18 @@ def _check_gradient_arguments(mode, noise_std, generator, max_batch_tokens) -> f
     if max_batch_tokens is not None:
         require_int("max_batch_tokens", max_batch_tokens, 1)
     return noise_std
+
+
+def _draw_noise(shape, width, noise_std, generator, device):
+    """N(0, noise_std^2) [*shape, width] on `device`, drawn on the generator's device."""
+    gen_device = generator.device if generator is not None else device
+    noise = torch.randn((*shape, width), generator=generator, device=gen_device)
+    return noise.to(device) * noise_std
+
+
+def _zero_outputs(input_ids, want_old_logprobs):
+    scores = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    return scores, torch.zeros_like(scores) if want_old_logprobs else None
 
 
 def run_gradient_importance(
@@ -423,48 +574,65 @@ def run_gradient_importance(
     max_batch_tokens,
     noise,
     want_old_logprobs,
+    check_finite=True,
 ):
-    """Validated batch -> (scores [B, T] float32, old logprobs [B, T] float32 or None)."""
-    attention_mask, score_mask, answer_mask = check_batch(
+    """Validated batch -> (scores [B, T] float32, old logprobs [B, T] float32 or None).
+
+    Host reads: one for every value check and the facts that choose the pass (answer token
+    counts, whether there is noise), one for finite scores (none with check_finite=False,
+    for callers that read the scores' finiteness together with their own values).
+    """
+    (attention_mask, score_mask, answer_mask), messages, flags = _batch_violations(
         model, input_ids, attention_mask, score_mask, answer_mask, mode
     )
     noise_std = _check_gradient_arguments(mode, noise_std, generator, max_batch_tokens)
     shape = input_ids.shape
-    scores = torch.zeros(shape, dtype=torch.float32, device=input_ids.device)
-    old = torch.zeros_like(scores) if want_old_logprobs else None
-    if scores.numel() == 0:  # nothing to score, and a decoder cannot run on no tokens
-        return scores, old
+    if input_ids.numel() == 0:  # nothing to score, and a decoder cannot run on no tokens
+        read_checks(messages, flags)
+        return _zero_outputs(input_ids, want_old_logprobs)
     weight = model.get_input_embeddings().weight
-    if noise is None:
-        # The generator may live on another device than the batch: draw there, then move.
-        gen_device = generator.device if generator is not None else input_ids.device
-        noise = torch.randn((*shape, weight.shape[1]), generator=generator, device=gen_device)
-        noise = noise.to(input_ids.device) * noise_std
-    noise = noise.to(weight.dtype)
-    if mode != "answer_joint" and not bool(noise.any()):
-        raise ValueError(
-            f"noise_std={noise_std} underflows to no noise in {weight.dtype}: the KL's gradient "
-            "is 0 without noise"
+    if noise is None and noise_std > 0:
+        noise = _draw_noise(shape, weight.shape[1], noise_std, generator, input_ids.device)
+    noisy = torch.zeros((), dtype=torch.bool, device=input_ids.device)
+    if noise is not None:
+        noise = noise.to(weight.dtype)
+        noisy = noise.any()
+    if mode != "answer_joint":
+        messages.append(
+            f"noise_std={noise_std} underflows to no noise in {weight.dtype}: the KL's "
+            "gradient is 0 without noise"
         )
+        flags = torch.cat([flags, ~noisy[None]])
+    *answer_tokens, noisy = read_checks(
+        messages, flags, torch.cat([answer_mask[:, 1:].sum(dim=1), noisy[None]])
+    )
+    attention_mask = attention_mask.long()
+    groups = _row_groups(shape[0], shape[1], max_batch_tokens)
+    if len(groups) > 1:
+        scores, old = _zero_outputs(input_ids, want_old_logprobs)
     with _frozen_parameters(model), eval_mode(model), torch.enable_grad():
-        for rows in _row_groups(shape[0], shape[1], max_batch_tokens):
-            scores[rows], old_rows = _gradient_importance_batch(
+        for rows in groups:
+            counts = answer_tokens[rows]
+            plan = _Plan(sum(counts), bool(noisy), 0 in counts)
+            group_scores, group_old = _gradient_importance_batch(
                 model,
                 input_ids[rows],
-                attention_mask[rows].long(),
+                attention_mask[rows],
                 score_mask[rows],
                 answer_mask[rows],
                 mode,
-                noise[rows],
+                None if noise is None else noise[rows],
+                plan,
                 want_old_logprobs,
             )
+            if len(groups) == 1:  # the whole batch: no copies
+                scores, old = group_scores, group_old
+                break
+            scores[rows] = group_scores
             if old is not None:
-                old[rows] = old_rows
-    require_finite_scores(
-        scores,
-        f"the noised forward overflowed (noise_std={noise_std} too large?) or the "
-        "model's weights are not finite",
-    )
+                old[rows] = group_old
+    if check_finite:
+        require_finite_scores(scores, GRADIENT_OVERFLOW)
     return scores, old
 
 
@@ -493,7 +661,10 @@ def gradient_importance(
     without noise).
     generator: seeds the noise. max_batch_tokens: micro-batch rows so that rows x T stays under it.
     Returns [B, T] float32 scores, 0 outside score_mask. Parameter .grad is never touched; the
-    pass runs in eval mode (dropout off) and restores every module's mode.
+    pass runs in eval mode (dropout off) and restores every module's mode. Logits are the
+    model's own (scaled or soft-capped heads included, see `logit_transform`). A model with
+    gradient checkpointing enabled is checkpointed in the pass too (less memory, one more
+    decoder forward). Host reads: one up front (every check), one for finite scores.
     """
     scores, _ = run_gradient_importance(
         model,
