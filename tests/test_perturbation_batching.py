@@ -3,13 +3,19 @@ an op count that does not grow with the rows in a micro-batch, no per-micro-batc
 
 import pytest
 import torch
+from test_perturbation_importance import MASK_ID, naive_importance
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import oar_kernels as ok
 from oar_kernels.importance import perturbation
 from oar_kernels.testing import assert_verbose_allclose, check_bad_call, tiny_causal_lm
 
-MASK_ID = 0
+# Ops that read a value, or a shape that depends on values, back to the host (a GPU sync).
+HOST_READS = {
+    torch.ops.aten._local_scalar_dense.default,
+    torch.ops.aten.nonzero.default,
+    torch.ops.aten.masked_select.default,
+}
 
 
 class _Dispatched(TorchDispatchMode):
@@ -22,8 +28,7 @@ class _Dispatched(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.host_reads += 1
+        self.host_reads += func in HOST_READS
         return func(*args, **(kwargs or {}))
 
 
@@ -106,32 +111,6 @@ def test_every_counterfactual_alone_gives_the_one_batch_scores():
     assert_verbose_allclose(alone, whole, rtol=1e-10, atol=1e-14)
 
 
-def _naive(model, ids, score, answer, mode):
-    """Full forwards of every masked copy of one unpadded row, full logits (float64)."""
-    positions = answer.nonzero().flatten()
-    with torch.no_grad():
-
-        def outcome(x):
-            logits = model(input_ids=x[None]).logits[0].double()
-            if mode == "answer_joint":
-                logp = torch.log_softmax(logits[positions - 1], -1)
-                return logp.gather(1, x[positions, None]).mean()
-            return torch.log_softmax(logits[positions - 1].mean(0), -1)
-
-        clean = outcome(ids)
-        out = torch.zeros(len(ids), dtype=torch.float64)
-        for s in score.nonzero().flatten().tolist():
-            masked = ids.clone()
-            masked[s] = MASK_ID
-            counter = outcome(masked)
-            out[s] = (
-                clean - counter
-                if mode == "answer_joint"
-                else (clean.exp() * (clean - counter)).sum()
-            )
-    return out
-
-
 @pytest.mark.parametrize("mode", ["answer_mean", "answer_joint"])
 def test_tokens_scored_after_the_answer_score_zero(mode):
     model = tiny_causal_lm("llama").double()
@@ -145,7 +124,7 @@ def test_tokens_scored_after_the_answer_score_zero(mode):
     )
     assert torch.all(got[:, 10:] == 0)
     for r in range(2):
-        want = _naive(model, ids[r], score[r], answer[r], mode)
+        want = naive_importance(model, ids[r], score[r], answer[r], mode)
         assert_verbose_allclose(got[r], want, rtol=1e-6, atol=1e-12, name=f"row {r}")
     # Per row: the clean columns 0..7 (7 predicts the last answer token), then suffixes
     # s..7 for s = 3..6; the tokens after the answer are never computed.
@@ -175,7 +154,7 @@ def test_sliding_window_model_matches_naive_full_forwards():
         model, ids, attention, score, answer, mode="answer_mean", mask_token_id=MASK_ID
     )
     for r in range(2):
-        want = _naive(model, ids[r], score[r], answer[r], "answer_mean")
+        want = naive_importance(model, ids[r], score[r], answer[r], "answer_mean")
         assert_verbose_allclose(got[r], want, rtol=1e-6, atol=1e-12, name=f"row {r}")
 
 
