@@ -97,6 +97,11 @@ def _add_study_parser(commands) -> None:
         "--fillers", type=_counts, help="comma-separated filler counts F (default: the preset's)"
     )
     study.add_argument("--no-progress", dest="progress", action="store_false")
+    study.add_argument(
+        "--tabulate-only",
+        action="store_true",
+        help="train nothing: tabulate and draw the runs already finished in --out",
+    )
 
 
 def _dispatch(args) -> int:
@@ -146,6 +151,7 @@ def _dispatch(args) -> int:
             first_seed=args.first_seed,
             steps=args.steps,
             progress=args.progress,
+            train_missing=not args.tabulate_only,
         )
     elif args.command == "viz":
         from oar_kernels.grpo import viz

@@ -41,6 +41,8 @@ def test_study_runs_log_faithfulness_and_finished_runs_are_reused(cache, tmp_pat
     mtime = metrics.stat().st_mtime_ns
     study.run(out, **kwargs)  # finished runs are tabulated, not rerun
     assert metrics.stat().st_mtime_ns == mtime
+    only = study.run(out, train_missing=False, **{**kwargs, "seeds": 3})
+    assert set(only[2]["grpo"]) == {0, 1}  # seed 2 was never run: left out, not trained
 
 
 def test_cli_study_refuses_unknown_arms(capsys):

@@ -127,9 +127,14 @@ def run(
     first_seed: int = 0,
     steps: int = 30,
     progress: bool = True,
+    train_missing: bool = True,
     **overrides,
 ) -> dict:
-    """Run (or continue) the study; writes results.md/.json and the pictures under out_dir."""
+    """Run (or continue) the study; writes results.md/.json and the pictures under out_dir.
+
+    train_missing=False only tabulates the runs already finished (those of processes that
+    ran disjoint parts of the study into one out_dir, say) and trains nothing.
+    """
     out = Path(out_dir)
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
@@ -142,6 +147,8 @@ def run(
                 config = run_config(arm, count, seed, steps, out, progress=progress, **overrides)
                 run_dir = Path(config.out_dir)
                 if not finished(run_dir, steps):
+                    if not train_missing:
+                        continue
                     train(config, overwrite=True)
                 summaries[count][arm][seed] = summarise_run(run_dir)
                 _write_results(out, summaries, began)
