@@ -3,12 +3,18 @@ an op count that does not grow with the rows in a micro-batch, no per-micro-batc
 
 import pytest
 import torch
+from test_oar_g_heads import FAMILIES, family_model
 from test_perturbation_importance import MASK_ID, naive_importance
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import oar_kernels as ok
 from oar_kernels.importance import perturbation
-from oar_kernels.testing import assert_verbose_allclose, check_bad_call, tiny_causal_lm
+from oar_kernels.testing import (
+    assert_verbose_allclose,
+    check_bad_call,
+    ragged_rollouts,
+    tiny_causal_lm,
+)
 
 # Ops that read a value, or a shape that depends on values, back to the host (a GPU sync).
 HOST_READS = {
@@ -32,6 +38,13 @@ class _Dispatched(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.fixture
+def any_padding(monkeypatch):
+    """Micro-batches bounded by the budgets alone (no padding limit): their count is then
+    the test's to choose."""
+    monkeypatch.setattr(perturbation, "PADDING_SLACK", {"cpu": float("inf")})
+
+
 def _batch(rows, length=16, scored=4, seed=0):
     """Equal rows: a prompt, `scored` reasoning tokens, a two-token answer."""
     gen = torch.Generator().manual_seed(seed)
@@ -53,7 +66,7 @@ def _dispatched(model, batch, **kwargs):
 
 
 @pytest.mark.parametrize("mode", ["last", "answer_mean", "answer_joint"])
-def test_ops_do_not_grow_with_the_rows_in_a_micro_batch(mode):
+def test_ops_do_not_grow_with_the_rows_in_a_micro_batch(mode, any_padding):
     model = tiny_causal_lm("qwen2")
     one, _ = _dispatched(model, _batch(1), mode=mode)
     eight, stats = _dispatched(model, _batch(8), mode=mode)
@@ -61,7 +74,7 @@ def test_ops_do_not_grow_with_the_rows_in_a_micro_batch(mode):
     assert eight.ops == one.ops
 
 
-def test_ops_per_micro_batch_are_a_constant():
+def test_ops_per_micro_batch_are_a_constant(any_padding):
     model = tiny_causal_lm("llama")
     counts = {}
     for rows in (1, 8):
@@ -78,7 +91,7 @@ def test_ops_per_micro_batch_are_a_constant():
 
 
 @pytest.mark.parametrize("mode", ["last", "answer_joint"])
-def test_host_reads_do_not_grow_with_the_micro_batches(mode):
+def test_host_reads_do_not_grow_with_the_micro_batches(mode, any_padding):
     model = tiny_causal_lm("llama")
     batch = _batch(3, scored=6)
     whole, stats = _dispatched(model, batch, mode=mode)
@@ -158,7 +171,7 @@ def test_sliding_window_model_matches_naive_full_forwards():
         assert_verbose_allclose(got[r], want, rtol=1e-6, atol=1e-12, name=f"row {r}")
 
 
-def test_micro_batches_follow_the_memory_budget():
+def test_micro_batches_follow_the_memory_budget(any_padding):
     model = tiny_causal_lm("llama")
     batch = _batch(4, scored=6)
     dims = perturbation.model_dims(model)
@@ -216,3 +229,29 @@ def _bad_budgets():
 @pytest.mark.parametrize("case", _bad_budgets(), ids=lambda c: c[0])
 def test_bad_budgets_raise_clear_errors(case):
     check_bad_call(case)
+
+
+@pytest.mark.parametrize("mode", ["last", "answer_mean", "answer_joint"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_scaled_and_soft_capped_heads_match_naive_full_forwards(family, mode):
+    # Gemma-2 (soft cap, sliding windows), Cohere (logit_scale), Granite (logits_scaling):
+    # the naive reference reads the model's own forward logits.
+    model = family_model(family)
+    ids, attn, score, answer, _, per_row = ragged_rollouts(seed=3, left_pad=False)
+    got = ok.perturbation_importance(
+        model, ids, attn, score, answer, mode=mode, mask_token_id=MASK_ID, max_batch_tokens=40
+    )
+    for r, (row_ids, s, a, _, cols) in enumerate(per_row):
+        want = naive_importance(model, row_ids, s, a, mode)
+        assert_verbose_allclose(got[r, cols], want, rtol=1e-6, atol=1e-12, name=f"row {r}")
+
+
+def test_cpu_micro_batches_pad_at_most_an_eighth():
+    # Suffixes of 2 .. 40 tokens: one micro-batch would pad them to 40 (~1.9x the real ones).
+    model = tiny_causal_lm("llama")
+    batch = _batch(2, length=48, scored=39)
+    _, stats = ok.perturbation_importance(model, *batch, mask_token_id=MASK_ID, return_stats=True)
+    assert stats.micro_batches > 1
+    assert stats.padded_token_forwards <= (1 + perturbation.PADDING_SLACK["cpu"]) * (
+        stats.token_forwards
+    )

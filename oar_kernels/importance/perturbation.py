@@ -31,17 +31,33 @@ import torch
 from oar_kernels._checks import require_bool, require_int
 from oar_kernels.importance.gradient import (
     MODES,
-    check_batch,
+    _batch_violations,
     eval_mode,
-    lm_head_parameters,
+    head_logits,
+    logit_transform,
     outcome_positions,
     position_ids_from,
+    read_checks,
     require_finite_scores,
     vocab_size,
 )
 
 # The default memory budget of one micro-batch (and of one group of the clean forward).
 DEFAULT_MAX_BATCH_BYTES = 1 << 30
+
+# Padded suffix tokens a micro-batch may compute beyond its real ones, as a fraction of
+# those, by device type. A CPU pays for every padded token; a GPU pays mostly per decoder
+# call (its kernel launches), so there fewer, fuller micro-batches win.
+PADDING_SLACK = {"cpu": 0.125}
+DEFAULT_PADDING_SLACK = 1.0
+
+
+@dataclass(frozen=True)
+class _Limits:
+    bytes: int  # max_batch_bytes
+    tokens: int  # max_batch_tokens (recomputed tokens plus cached entries)
+    padding: float  # PADDING_SLACK of the device
+
 
 # Outcome kinds: a KL between outcome distributions, or the joint answer logprob phi.
 _KL, _JOINT = 0, 1
@@ -52,6 +68,7 @@ class PerturbationStats:
     token_forwards: int  # real tokens the decoder computed (clean rows + recomputed suffixes)
     naive_token_forwards: int  # what R full forwards per row would compute (R * L)
     micro_batches: int = 0  # decoder calls on counterfactuals
+    padded_token_forwards: int = 0  # token_forwards with the padding the decoder computed
 
 
 # ------------------------------------------------------------------ memory estimate
@@ -132,6 +149,7 @@ class _Plan:
     device_ints: dict  # name -> int64 array the device slices (uploaded in one transfer)
     token_forwards: int
     naive_token_forwards: int
+    padded_token_forwards: int
 
 
 def _outcome_columns(answer, last_pos, uses_last):
@@ -149,22 +167,25 @@ def _outcome_columns(answer, last_pos, uses_last):
     return columns, valid
 
 
-def _micro_batches(cached, suffix, kinds, dims, outcomes, max_batch_bytes, max_batch_tokens):
+def _micro_batches(cached, suffix, kinds, dims, outcomes, limits):
     """Greedy packing of the (sorted) counterfactuals: (start, end, cached, suffix, kind) with
-    padded sizes; a micro-batch holds one outcome kind and stays within both budgets (one
-    counterfactual at least). Padding to at least one cache and two suffix columns keeps the
-    model's mask builder off its no-mask shortcut, which reads the mask back to the host."""
-    batches, start, top_cached, top_suffix = [], 0, 1, 2
+    padded sizes; a micro-batch holds one outcome kind, stays within `limits` (one
+    counterfactual at least) and computes at most (1 + limits.padding) times its real suffix
+    tokens. Padding to at least one cache and two suffix columns keeps the model's mask
+    builder off its no-mask shortcut, which reads the mask back to the host."""
+    batches, start, top_cached, top_suffix, real = [], 0, 1, 2, 0
     for item in range(len(cached)):
         grown = max(top_cached, int(cached[item])), max(top_suffix, int(suffix[item]))
+        real += max(2, int(suffix[item]))
         count = item - start + 1
         if count > 1 and (
             kinds[item] != kinds[start]
-            or count * counterfactual_bytes(dims, *grown, outcomes) > max_batch_bytes
-            or count * sum(grown) > max_batch_tokens
+            or count * counterfactual_bytes(dims, *grown, outcomes) > limits.bytes
+            or count * sum(grown) > limits.tokens
+            or count * grown[1] > (1 + limits.padding) * real
         ):
             batches.append((start, item, top_cached, top_suffix, int(kinds[start])))
-            start = item
+            start, real = item, max(2, int(suffix[item]))
             grown = max(1, int(cached[item])), max(2, int(suffix[item]))
         top_cached, top_suffix = grown
     if len(cached):
@@ -172,7 +193,7 @@ def _micro_batches(cached, suffix, kinds, dims, outcomes, max_batch_bytes, max_b
     return batches
 
 
-def _plan(host, mode, dims, max_batch_bytes, max_batch_tokens) -> _Plan:
+def _plan(host, mode, dims, limits) -> _Plan:
     attention, score, answer, last_pos, uses_last = host
     width = attention.shape[1]
     first, length = attention.argmax(1), attention.sum(1)
@@ -191,12 +212,11 @@ def _plan(host, mode, dims, max_batch_bytes, max_batch_tokens) -> _Plan:
         cf_kind[order],
         dims,
         columns.shape[1],
-        max_batch_bytes,
-        max_batch_tokens,
+        limits,
     )
     clean_width = int(last[rows].max()) + 1 if rows.size else 0
     row_bytes = counterfactual_bytes(dims, 0, clean_width, columns.shape[1])
-    per_group = max(1, max_batch_bytes // row_bytes)
+    per_group = max(1, limits.bytes // row_bytes)
     rows_first = first[rows]
     return _Plan(
         width=clean_width,
@@ -218,18 +238,31 @@ def _plan(host, mode, dims, max_batch_bytes, max_batch_tokens) -> _Plan:
             np.minimum(length[rows], clean_width - rows_first).sum() + cf_suffix.sum()
         ),
         naive_token_forwards=int((score.sum(1) * length).sum()),
+        padded_token_forwards=rows.size * clean_width
+        + sum((end - start) * suffix for start, end, _, suffix, _ in batches),
     )
 
 
-def _read_plan_inputs(attention_mask, score_mask, answer_mask, mode):
-    """The masks and outcome positions on the host, in one transfer (the pass's one read)."""
+def _checked_batch(model, input_ids, attention_mask, score_mask, answer_mask, mode):
+    """`check_batch`, with the masks and outcome positions the plan needs read back to the
+    host in the same transfer: the pass's one read. Returns the device masks (bool) and
+    the host arrays (attention, score, answer [B, T] bool, last_pos [B], uses_last [B])."""
+    masks, messages, flags = _batch_violations(
+        model, input_ids, attention_mask, score_mask, answer_mask, mode
+    )
+    attention_mask, score_mask, answer_mask = masks
+    if attention_mask.numel() == 0:  # no outcome positions to find (and nothing to plan)
+        read_checks(messages, flags)
+        return masks, None
     last_pos, uses_last = outcome_positions(attention_mask, answer_mask, mode)
-    masks = torch.stack([attention_mask, score_mask, answer_mask]).flatten().long()
-    packed = torch.cat([masks, last_pos.long(), uses_last.long()]).cpu().numpy()
-    shape, cells = tuple(attention_mask.shape), attention_mask.numel()
-    attention, score, answer = packed[: 3 * cells].reshape(3, *shape).astype(bool)
-    last_pos, uses_last = packed[3 * cells :].reshape(2, shape[0])
-    return attention, score, answer, last_pos, uses_last.astype(bool)
+    # Each cell's three mask bits in one int.
+    cells = attention_mask.long() + 2 * score_mask.long() + 4 * answer_mask.long()
+    packed = torch.cat([cells.flatten(), last_pos.long(), uses_last.long()])
+    host = np.array(read_checks(messages, flags, packed), dtype=np.int64)
+    cells = host[: cells.numel()].reshape(cells.shape)
+    last_pos, uses_last = host[cells.size :].reshape(2, -1)
+    bits = [(cells >> bit & 1).astype(bool) for bit in range(3)]
+    return masks, (*bits, last_pos, uses_last.astype(bool))
 
 
 def _upload(arrays: dict, device) -> dict:
@@ -253,25 +286,24 @@ def _cache_keyword(decoder) -> str:
     )
 
 
-def _log_probs(model, hidden):
-    """log softmax of the lm head at hidden states [..., H]: [..., V], float32 at least."""
-    weight, bias = lm_head_parameters(model)
-    logits = torch.nn.functional.linear(hidden, weight, bias)
-    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
-
-
 def _outcome(model, hidden_at, weights, targets, kind):
-    """Outcome of sequences from the hidden states at their outcome positions.
+    """Outcome of sequences from the hidden states at their outcome positions, through the
+    model's own logits (`head_logits`: scaled or soft-capped heads included).
 
     hidden_at: [K, A, H]; weights: [K, A] (1 / count on the positions that count, else 0).
     _JOINT: phi [K], the mean answer-token logprob (targets: [K, A] token ids).
-    _KL: log P [K, V] of the mean logits (the lm head is affine: the mean of the logits is
-    the head of the mean hidden state).
+    _KL: log P [K, V] of the mean logits.
     """
     if kind == _JOINT:
-        logp = _log_probs(model, hidden_at).gather(-1, targets[..., None])[..., 0]
+        logp = torch.log_softmax(head_logits(model, hidden_at), -1)
+        logp = logp.gather(-1, targets[..., None])[..., 0]
         return (logp * weights.to(logp.dtype)).sum(1)
-    return _log_probs(model, (hidden_at * weights[..., None].to(hidden_at.dtype)).sum(1))
+    if logit_transform(model).softcap is None:
+        # An affine head: the mean of the logits is the head of the mean hidden state.
+        mean = (hidden_at * weights[..., None].to(hidden_at.dtype)).sum(1)
+        return torch.log_softmax(head_logits(model, mean), -1)
+    logits = head_logits(model, hidden_at)
+    return torch.log_softmax((logits * weights[..., None].to(logits.dtype)).sum(1), -1)
 
 
 def _importance(clean, counterfactual, kind):
@@ -404,14 +436,18 @@ class _Pass:
         return _importance(self.clean[kind][rows], value, kind)
 
 
-def _score(model, input_ids, attention_mask, score_mask, answer_mask, mode, mask_token_id, budget):
-    """Scores [B, T] float32 of a validated batch, and stats."""
+def _score(model, input_ids, attention_mask, host, mode, mask_token_id, limits):
+    """Scores [B, T] float32 of a validated batch (host: `_checked_batch`'s arrays), and stats."""
     scores = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     if scores.numel() == 0:  # nothing to score, and no outcome position to find
         return scores, PerturbationStats(0, 0)
-    host = _read_plan_inputs(attention_mask, score_mask, answer_mask, mode)
-    plan = _plan(host, mode, model_dims(model), *budget)
-    stats = PerturbationStats(plan.token_forwards, plan.naive_token_forwards, len(plan.batches))
+    plan = _plan(host, mode, model_dims(model), limits)
+    stats = PerturbationStats(
+        plan.token_forwards,
+        plan.naive_token_forwards,
+        len(plan.batches),
+        plan.padded_token_forwards,
+    )
     if not plan.batches:
         return scores, stats
     run = _Pass(model, input_ids, attention_mask, plan, mask_token_id)
@@ -452,7 +488,7 @@ def perturbation_importance(
     Returns [B, T] float32 scores (0 outside score_mask), and PerturbationStats if asked.
     The pass runs in eval mode (dropout off) and restores every module's mode.
     """
-    attention_mask, score_mask, answer_mask = check_batch(
+    (attention_mask, _, _), host = _checked_batch(
         model, input_ids, attention_mask, score_mask, answer_mask, mode
     )
     mask_token_id = require_int("mask_token_id", mask_token_id, 0, vocab_size(model) - 1)
@@ -460,11 +496,13 @@ def perturbation_importance(
         max_batch_tokens = require_int("max_batch_tokens", max_batch_tokens, 1)
     max_batch_bytes = require_int("max_batch_bytes", max_batch_bytes, 1)
     require_bool("return_stats", return_stats)
-    budget = (max_batch_bytes, max_batch_tokens if max_batch_tokens is not None else 1 << 62)
+    limits = _Limits(
+        max_batch_bytes,
+        max_batch_tokens if max_batch_tokens is not None else 1 << 62,
+        PADDING_SLACK.get(input_ids.device.type, DEFAULT_PADDING_SLACK),
+    )
     with torch.no_grad(), eval_mode(model):
-        scores, stats = _score(
-            model, input_ids, attention_mask, score_mask, answer_mask, mode, mask_token_id, budget
-        )
+        scores, stats = _score(model, input_ids, attention_mask, host, mode, mask_token_id, limits)
     require_finite_scores(scores, "the model's outputs overflowed or its weights are not finite")
     return (scores, stats) if return_stats else scores
 
