@@ -104,6 +104,9 @@ class FoldState:
 
     def __init__(self, rows: int, dtype: torch.dtype, device, with_entropy: bool, *, _views=None):
         self._work = [None]  # shared with the row views
+        # Bytes the torch fold's float buffer may take (None: a whole chunk's worth); a cap
+        # makes the fold go through the chunk in column blocks.
+        self.work_bytes = None
         if _views is not None:
             self.max, self.sum, self.dot, self.target = _views
             return
@@ -119,7 +122,7 @@ class FoldState:
         view = FoldState(
             0, None, None, False, _views=(self.max[chunk], self.sum[chunk], dot, self.target[chunk])
         )
-        view._work = self._work
+        view._work, view.work_bytes = self._work, self.work_bytes
         return view
 
     def work(self, shape) -> torch.Tensor:
@@ -139,11 +142,30 @@ class FoldState:
             torch.sub(torch.log(self.sum), self.dot / self.sum, out=entropy)
 
 
+# Bytes of float buffer the torch fold takes beside the chunk where that buffer must stay
+# small (FoldState.work_bytes: grpo_loss's one walk); it then goes through the chunk in column
+# blocks of this size.
+WORK_BYTES = 2**20
+
+
+def _column_blocks(shape, itemsize: int, budget: int | None):
+    """Column slices of a [rows, cols] chunk whose float work fits `budget` bytes (None: one)."""
+    rows, cols = shape
+    width = cols if budget is None else max(1, budget // (itemsize * max(rows, 1)))
+    return [slice(start, min(cols, start + width)) for start in range(0, cols, width)]
+
+
 def _fold_torch(logits, targets, temperature, state: FoldState):
     """Folds a chunk of columns into `state`; targets are relative to the chunk's first column.
 
-    Reads the logits and leaves them intact (the fused loss turns them into gradients next).
+    Reads the logits and leaves them intact (the fused loss turns them into gradients next),
+    in column blocks when state.work_bytes caps its buffer.
     """
+    for cols in _column_blocks(logits.shape, state.max.element_size(), state.work_bytes):
+        _fold_block(logits[:, cols], targets - cols.start, temperature, state)
+
+
+def _fold_block(logits, targets, temperature, state: FoldState):
     acc = state.max.dtype
     inside = (targets >= 0) & (targets < logits.shape[1])
     picked = logits.gather(1, targets.clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1)
@@ -168,12 +190,12 @@ def _fold_torch(logits, targets, temperature, state: FoldState):
 
 
 def _logits_grad_torch(logits, targets, lse, entropy, grad_logprobs, grad_entropy, temperature):
-    """Overwrites the chunk's logits with d(loss)/d(logits); half-precision logits go through
-    one float32 chunk buffer."""
+    """Overwrites the chunk's logits with d(loss)/d(logits): in place for float32 (float64)
+    logits, through one float32 chunk buffer for half precision."""
     work = logits if logits.dtype == lse.dtype else logits.new_empty(logits.shape, dtype=lse.dtype)
     log_p = _centred(logits, lse, temperature, out=work)
     # The 1 / temperature of d z / d logits is folded into the per-row factors.
-    grad_logprobs = grad_logprobs / temperature
+    grad_logprobs = (grad_logprobs / temperature)[:, None]
     if grad_entropy is not None:
         # dH/dz_j = -p_j (log p_j + H). Where p_j = 0 (a logit of -inf) the term is 0, not
         # 0 * -inf: log p_j is replaced by -H there.
@@ -181,13 +203,13 @@ def _logits_grad_torch(logits, targets, lse, entropy, grad_logprobs, grad_entrop
         neg_entropy = -entropy[:, None]
         torch.where(p > 0, log_p, neg_entropy, out=log_p)
         grad = log_p.sub_(neg_entropy).mul_(p).mul_((-grad_entropy / temperature)[:, None])
-        grad.addcmul_(p, grad_logprobs[:, None], value=-1.0)
+        grad.addcmul_(p, grad_logprobs, value=-1.0)
     else:
-        grad = _exp_(log_p).mul_(-grad_logprobs[:, None])
+        grad = _exp_(log_p).mul_(-grad_logprobs)
     # Targets are relative to the chunk's first column; those outside it contribute nothing.
     inside = (targets >= 0) & (targets < grad.shape[1])
     grad.scatter_add_(
-        1, targets.clamp(0, grad.shape[1] - 1)[:, None], (grad_logprobs * inside)[:, None]
+        1, targets.clamp(0, grad.shape[1] - 1)[:, None], grad_logprobs * inside[:, None]
     )
     # A row nothing flows into (padding) gives exactly 0, even if its logits hold NaN: its
     # terms are p * 0, and the NaN of NaN * 0 becomes 0 (a row that gradient flows into and
@@ -428,11 +450,17 @@ class LmHeadGrads:
     float64 inputs), and each chunk writes its columns of d weight and d bias; over row chunks
     d weight and d bias sum in float32 and each chunk writes its rows of d hidden. Written
     parts are NaN-filled first, so a chunk the walk missed cannot pass as a value.
+
+    active: [N] bool or None, the rows whose hidden states enter the d weight GEMM; the others
+    enter as zeros (padding holding NaN would reach d weight as 0 * NaN). Row chunks mask
+    their own rows; vocabulary chunks share one masked copy.
     """
 
-    def __init__(self, hidden, weight, with_bias: bool, *, by_vocab: bool = False):
+    def __init__(self, hidden, weight, with_bias: bool, *, by_vocab: bool = False, active=None):
         acc, nan = accumulation_dtype(weight.dtype), float("nan")
-        self.hidden, self.weight, self.by_vocab = hidden, weight, by_vocab
+        if active is not None and by_vocab:
+            hidden, active = torch.where(active[:, None], hidden, 0.0), None
+        self.hidden, self.weight, self.by_vocab, self.active = hidden, weight, by_vocab, active
         on = {"device": weight.device}
         bias_shape = (weight.shape[0] if with_bias else 0,)
         if by_vocab:
@@ -447,6 +475,8 @@ class LmHeadGrads:
     def add(self, rows: slice, logits_grad: torch.Tensor, cols: slice = slice(None)) -> None:
         acc = accumulation_dtype(self.weight.dtype)
         weight, hidden = self.weight[cols], self.hidden[rows]
+        if self.active is not None:
+            hidden = torch.where(self.active[rows, None], hidden, 0.0)
         if self.by_vocab:
             add_matmul(self.grad_hidden, logits_grad, weight)
             torch.mm(logits_grad.T, hidden, out=self.grad_weight[cols])

@@ -125,19 +125,22 @@ def _one_walk_wins(hidden, weight) -> bool:
     return tall and accumulation_dtype(weight.dtype) == weight.dtype
 
 
-def _one_walk(hidden, weight, targets, bias, temperature, grad_of, grad_hidden_rows):
+def _one_walk(hidden, weight, targets, bias, temperature, grad_of, active):
     """(logprobs, lse, (d hidden, d weight, d bias)) in one walk over row chunks of all columns,
     three GEMMs a chunk where the two walks take four: the per-token loss is row-local, so a
     chunk's logits, once folded into its rows' logprobs, turn into their gradient in place
     (grad_of(rows, logprobs) gives d loss / d logprob) and reduce into the lm-head gradients.
-    grad_hidden_rows: hidden as the gradient GEMMs see it (padding rows zeroed)."""
+    active: [N] bool, the rows whose hidden states enter the d weight GEMM (LmHeadGrads)."""
     rows, vocab = hidden.shape[0], weight.shape[0]
     fold, logits_grad = logprobs.chunk_steps(hidden)
     targets = targets.long()
     check_targets(targets, vocab)
     state = FoldState(rows, accumulation_dtype(hidden.dtype), hidden.device, False)
+    # The fold's buffer lives beside the chunk and the gradient sums here (the two walks free
+    # it before their gradient walk): kept small, it keeps the memory within token_logprobs'.
+    state.work_bytes = logprobs.WORK_BYTES
     logps, lse = torch.empty_like(state.max), torch.empty_like(state.max)
-    grads = LmHeadGrads(grad_hidden_rows, weight, bias is not None)
+    grads = LmHeadGrads(hidden, weight, bias is not None, active=active)
     for chunk, _, logits in logit_chunks(hidden, weight, bias, by_vocab=False):
         part = state.rows(chunk)
         fold(logits, targets[chunk], temperature, part)
@@ -201,8 +204,7 @@ def _grpo_loss_impl(
     active = (w != 0) | (m != 0)
     everything = slice(None)
     if compute_grads and _one_walk_wins(hidden, weight):
-        grad_rows = torch.where(active[:, None], hidden, 0.0)
-        logps, _, grads = _one_walk(hidden, weight, targets, bias, temperature, grad_of, grad_rows)
+        logps, _, grads = _one_walk(hidden, weight, targets, bias, temperature, grad_of, active)
     else:
         logps, no_entropy, lse = lm_head_forward(
             hidden, weight, targets.long(), bias, temperature, False

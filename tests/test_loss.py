@@ -119,6 +119,7 @@ def test_matches_unfused_reference(
 ):
     monkeypatch.setattr(loss_module, "WALK", walk)
     monkeypatch.setitem(logprobs.CHUNK_BYTES, device, 4 * 53 * 4)  # several chunks
+    monkeypatch.setattr(logprobs, "WORK_BYTES", 4 * 4 * 5)  # the one walk folds in blocks
     monkeypatch.setattr(logprobs, "MIN_CHUNK_ROWS", 1)
     monkeypatch.setattr(logprobs, "MIN_CHUNK_COLS", 1)
     b = _batch(dtype, device, per_token=per_token)
