@@ -150,19 +150,9 @@ def enable_checkpointing(model):
 
 @pytest.mark.parametrize("mode", ["answer_joint", "answer_mean"])
 def test_checkpointed_model_scores_the_same_in_eval_mode(mode, count):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=61,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attention_dropout=0.5,  # live in training mode: the pass must not use it
-    )
-    model = LlamaForCausalLM(config).double()
+    model = tiny_causal_lm("llama").double()
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5  # live in training mode: the pass must not use it
     ids, attn, score, answer, noise, _ = ragged_rollouts(seed=2, left_pad=True)
 
     def scores():
@@ -173,13 +163,18 @@ def test_checkpointed_model_scores_the_same_in_eval_mode(mode, count):
     enable_checkpointing(model)
     model.train()
     modes = [m.training for m in model.modules()]
+    layer = model.model.layers[0]
+    seen = []  # the layer's mode while its body runs (a layer may read it, as OPT's do)
+    hook = layer.self_attn.register_forward_pre_hook(lambda *_: seen.append(layer.training))
     got = scores()
+    hook.remove()
     assert_verbose_allclose(got, want, rtol=1e-12, atol=1e-15)
+    # Eval mode in the clean forward, the noised one and its recompute in the backward.
+    assert seen == [False] * 3
     checkpointed_ops, _ = count(scores)
-    assert checkpointed_ops > plain_ops  # the layers' forwards ran again in the backward
+    assert checkpointed_ops > plain_ops
     assert [m.training for m in model.modules()] == modes
     # The user's checkpoint function is back.
-    layer = model.model.layers[0]
     assert getattr(layer._gradient_checkpointing_func, "func", None) is not (
         gradient._checkpoint_in_eval
     )
