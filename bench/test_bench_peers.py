@@ -141,7 +141,7 @@ CUDA_ONLY = {
 def _skip_reason(impl):
     """Why a row cannot run here (cheap: no peer is imported), or None."""
     if impl in PEERS and importlib.util.find_spec(PEERS[impl][1].split(".")[0]) is None:
-        return f"{PEERS[impl][0]} is not installed (bash bench/peers.sh download && ... install)"
+        return f"{PEERS[impl][0]} is not installed (bash bench/peers.sh download, then install)"
     return None if CUDA else CUDA_ONLY.get(impl)
 
 
