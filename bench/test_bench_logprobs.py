@@ -1,10 +1,19 @@
 """token_logprobs: ours (chunked) vs full logits + log_softmax + gather, forward and
-forward+backward; grpo_loss fused vs the unfused TRL formula on full logits; with the peak
-memory each adds (measured in a fresh process).
+forward+backward; grpo_loss fused (its default walk, and each walk forced) vs the unfused TRL
+formula on full logits; with the peak memory each adds (measured in a fresh process).
 
     pytest bench/test_bench_logprobs.py --benchmark-only
+
+Run as a script, it times fwd+bwd of each implementation in turn, repeat after repeat (so a
+busy machine slows all alike), on one torch thread, and prints each one's speedup over the
+plain formula as the median and range over repeats (issue 12's CPU target: >= 1.0x):
+
+    python bench/test_bench_logprobs.py [--repeats 7] [--dtypes float32,bfloat16]
 """
 
+import contextlib
+import statistics
+import time
 from pathlib import Path
 
 import pytest
@@ -51,9 +60,16 @@ def unfused_grpo_loss(hidden, weight, targets):
     return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
 
 
-def fused_grpo_loss(hidden, weight, targets):
+def fused_grpo_loss(hidden, weight, targets, walk="auto"):
+    """ok.grpo_loss on the batch; walk forces grpo_loss's one walk or two (loss.WALK)."""
+    from oar_kernels import loss
+
     hidden, targets, advantages, mask, old = _loss_batch(hidden, targets)
-    return ok.grpo_loss(hidden, weight, targets, advantages, mask, old_logprobs=old).loss
+    default, loss.WALK = loss.WALK, walk
+    try:
+        return ok.grpo_loss(hidden, weight, targets, advantages, mask, old_logprobs=old).loss
+    finally:
+        loss.WALK = default
 
 
 def trl_chunked(hidden, weight, targets):
@@ -76,6 +92,8 @@ IMPLS = {
     "trl-chunked": trl_chunked,
     "loss-unfused": unfused_grpo_loss,
     "loss-oar-fused": fused_grpo_loss,
+    "loss-oar-one-walk": lambda *args: fused_grpo_loss(*args, walk="one"),
+    "loss-oar-two-walks": lambda *args: fused_grpo_loss(*args, walk="two"),
 }
 LOGPROB_IMPLS = [
     "full-logits",
@@ -87,7 +105,7 @@ LOGPROB_IMPLS = [
         ),
     ),
 ]
-LOSS_IMPLS = ["loss-unfused", "loss-oar-fused"]
+LOSS_IMPLS = ["loss-unfused", "loss-oar-fused"]  # the script also times each walk
 
 
 def peak_bytes(rows, width, vocab, impl):
@@ -154,3 +172,71 @@ def test_grpo_loss(benchmark, impl, rows, width, vocab):
     timed = synchronized(step, DEVICE)
     timed()
     benchmark.pedantic(timed, rounds=3, warmup_rounds=0)
+
+
+# ------------------------------------------------------------- interleaved ratios (script)
+
+# CPU: the pytest shapes and a wider hidden size, where the GEMMs dominate.
+SCRIPT_SHAPES = SHAPES if CUDA else SHAPES + [(1024, 1024, 32000)]
+# Each group: the baseline first, then what is compared with it.
+SCRIPT_GROUPS = {
+    "token_logprobs": ["full-logits", "oar"],
+    "grpo_loss": ["loss-unfused", "loss-oar-fused", "loss-oar-one-walk", "loss-oar-two-walks"],
+}
+
+
+def _seconds():
+    """CPU: the process's CPU time (one torch thread; other processes on a shared machine
+    then cost little). CUDA: wall time after a synchronize."""
+    if not CUDA:
+        return time.process_time()
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def interleaved_ratios(rows, width, vocab, dtype, names, repeats):
+    """{name: [baseline time / its time, one per repeat]} for fwd+bwd, names[0] the baseline;
+    every repeat runs each implementation once, in turn."""
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    hidden = torch.randn(rows, width, device=DEVICE, generator=gen).to(dtype).requires_grad_()
+    weight = torch.randn(vocab, width, device=DEVICE, generator=gen) / width**0.5
+    weight = weight.to(dtype).requires_grad_()
+    targets = torch.randint(0, vocab, (rows,), device=DEVICE, generator=gen)
+    times = {name: [] for name in names}
+    for repeat in range(repeats + 1):  # the first round warms up
+        for name in names:
+            start = _seconds()
+            torch.autograd.grad(IMPLS[name](hidden, weight, targets).sum(), (hidden, weight))
+            if repeat:
+                times[name].append(_seconds() - start)
+    base = times[names[0]]
+    return {name: [b / t for b, t in zip(base, times[name])] for name in names[1:]}, times
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"{DEVICE}, {torch.get_num_threads()} thread(s), {args.repeats} interleaved repeats")
+    for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
+        for rows, width, vocab in SCRIPT_SHAPES:
+            for group, names in SCRIPT_GROUPS.items():
+                ratios, times = interleaved_ratios(rows, width, vocab, dtype, names, args.repeats)
+                for name, values in ratios.items():
+                    ms = statistics.median(times[name]) * 1e3
+                    print(
+                        f"{str(dtype)[6:]:<9} N={rows} H={width} V={vocab} {group:<15} "
+                        f"{name:<20} {ms:8.0f} ms  {statistics.median(values):.2f}x "
+                        f"[{min(values):.2f}, {max(values):.2f}]",
+                        flush=True,
+                    )
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
