@@ -104,9 +104,10 @@ def _check_rows(hidden, **rows) -> None:
 WALK = "auto"
 # Row chunks shorter than this make the one walk's GEMMs (and its d weight sum over row
 # chunks) slower than the GEMM it saves. CPU, one thread, float32, grpo_loss fwd+bwd, two
-# walks' time / one walk's, H=256: 512 rows a chunk (V=4096) 1.36x, 256 (V=8192) 1.23x,
-# 128 (V=16384) 1.05x, 65 (V=32000) 1.06x (0.92x at H=1024), 32 (V=151936) 0.76x.
-ONE_WALK_MIN_ROWS = 128
+# walks' time / one walk's (8 MiB chunks), H=256: 512 rows a chunk (V=4096) 1.29-1.36x, 256
+# (V=8192) 1.23x, 128 (V=16384) 1.04x, 65 (V=32000) 1.06-1.12x and 1.01x at H=1024, 32
+# (V=151936) 0.76-0.80x. Interleaved repeats on a shared 2-core machine: +-8% noise.
+ONE_WALK_MIN_ROWS = 64
 
 
 def _one_walk_wins(hidden, weight) -> bool:
