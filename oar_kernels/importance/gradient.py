@@ -312,12 +312,19 @@ def _outcome_log_distribution(model, hidden, answer_mask, answers, mode, last_po
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     logits = head_logits(model, hidden[rows, last_pos])
     if mode == "answer_mean":
-        # Only the K answer positions' logits (a soft cap is not affine: no mean of h first).
         answer_rows, before = answers.unbind(1)
-        total = torch.zeros_like(logits).index_add(
-            0, answer_rows, head_logits(model, hidden[answer_rows, before])
-        )
-        mean_logits = total / answer_mask[:, 1:].sum(dim=1, keepdim=True).clamp(min=1)
+        counts = answer_mask[:, 1:].sum(dim=1, keepdim=True).clamp(min=1)
+        if logit_transform(model).softcap is None:
+            # A scaled head is affine: the mean of the logits is the head of the mean state.
+            total = torch.zeros_like(hidden[:, 0]).index_add(
+                0, answer_rows, hidden[answer_rows, before]
+            )
+            mean_logits = head_logits(model, total / counts.to(total.dtype))
+        else:  # a soft cap is not: the K answer positions' logits, then their mean
+            total = torch.zeros_like(logits).index_add(
+                0, answer_rows, head_logits(model, hidden[answer_rows, before])
+            )
+            mean_logits = total / counts
         logits = torch.where(uses_last[:, None], logits, mean_logits)
     return torch.log_softmax(logits, -1)
 
