@@ -66,6 +66,12 @@ def main():
         "rows": Checked.rows,
     }
     (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
+    # Tear the gloo group down before the interpreter exits: left to exit, its worker
+    # threads can be destroyed while still joinable, which aborts the process
+    # ("terminate called without an active exception") after training succeeded.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
