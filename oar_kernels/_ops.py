@@ -17,7 +17,7 @@ lib.define(
     "bilevel_weights(Tensor scores, Tensor score_mask, float tau, float beta, float floor, "
     "bool preserve_mass, bool check_finite=True) -> Tensor"
 )
-# Writes the weights into a preallocated float32 [B, T] `out` (tests poison it first).
+# Writes the weights into a preallocated float32 [B, T] `out` (`bilevel_weights(out=)`).
 lib.define(
     "bilevel_weights_into(Tensor scores, Tensor score_mask, float tau, float beta, float floor, "
     "bool preserve_mass, Tensor(a!) out, bool check_finite=True) -> ()"

@@ -447,6 +447,7 @@ def bilevel_weights(
     floor: float = FLOOR,
     preserve_mass: bool = True,
     check_finite: bool = True,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Bi-Level token weights from importance scores (SPEC section 6).
 
@@ -454,16 +455,25 @@ def bilevel_weights(
     score_mask: [B, T] bool or int, the tokens whose weights are reshaped.
     check_finite: False skips the NaN/Inf check of the scores, which reads a flag back to the
     host (a sync per call on a GPU); non-finite scores then give unspecified weights.
-    Returns [B, T] float32: 1 outside score_mask, mean weight 1 over each row's scored
-    tokens when preserve_mass. Weights are constants (no gradient flows to scores).
+    out: an optional float32 [B, T] buffer on the scores' device that receives the weights
+    (any strides), for loops that keep their buffers, such as a captured CUDA graph.
+    Returns [B, T] float32 (`out` when given): 1 outside score_mask, mean weight 1 over each
+    row's scored tokens when preserve_mass. Weights are constants (no gradient flows to scores).
     """
     scores, mask, tau, beta, floor, preserve_mass = _check_args(
         scores, score_mask, tau, beta, floor, preserve_mass
     )
     check_finite = require_bool("check_finite", check_finite)
-    return torch.ops.oar.bilevel_weights(
-        scores, mask, tau, beta, floor, preserve_mass, check_finite
+    if out is None:
+        return torch.ops.oar.bilevel_weights(
+            scores, mask, tau, beta, floor, preserve_mass, check_finite
+        )
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    torch.ops.oar.bilevel_weights_into(
+        scores, mask, tau, beta, floor, preserve_mass, out, check_finite
     )
+    return out
 
 
 def reshape_advantages(

@@ -204,6 +204,18 @@ def test_reshape_advantages_broadcasts_and_keeps_sign(device):
     assert torch.equal(flipped, -per_token)
 
 
+@pytest.mark.parametrize("device", device_params())
+def test_public_out_buffer_is_filled_and_returned(device):
+    scores, mask = random_ragged_scores(5, 40, density=0.7, kind="lognormal", seed=4)
+    scores, mask = scores.to(device), mask.to(device)
+    # A transposed, NaN-poisoned buffer: every element must be written through its strides.
+    out = torch.full((40, 5), float("nan"), device=device).t()
+    returned = ok.bilevel_weights(scores, mask, out=out)
+    assert returned is out
+    expected = reshape.bilevel_weights_reference(scores.cpu(), mask.cpu(), **DEFAULTS)
+    assert_verbose_allclose(out, expected, rtol=RTOL, atol=ATOL, name="out")
+
+
 def test_weights_carry_no_gradient():
     scores = torch.rand(3, 8, requires_grad=True)
     weights = ok.bilevel_weights(scores, torch.ones(3, 8, dtype=torch.bool))
@@ -242,6 +254,15 @@ def _bad_calls():
             "preserve_mass",
         ),
         ("devices", lambda: ok.bilevel_weights(s, m.to("meta")), ValueError, "one device"),
+        ("out-list", lambda: ok.bilevel_weights(s, m, out=[0.0]), TypeError, "out"),
+        ("out-dtype", lambda: ok.bilevel_weights(s, m, out=s.double()), ValueError, "out"),
+        ("out-shape", lambda: ok.bilevel_weights(s, m, out=s[:, :4]), ValueError, "out"),
+        (
+            "out-expanded",
+            lambda: ok.bilevel_weights(s, m, out=torch.zeros(1, 5).expand(2, 5)),
+            ValueError,
+            "out",
+        ),
         ("adv-shape", lambda: ok.reshape_advantages(torch.ones(3), s, m), ValueError, "advantages"),
         ("adv-int", lambda: ok.reshape_advantages(a.long(), s, m), TypeError, "advantages"),
         (
