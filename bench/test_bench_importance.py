@@ -32,7 +32,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import oar_kernels as ok
 from oar_kernels.importance.gradient import clean_sequence_logprobs
-from oar_kernels.testing import peak_bytes_in_subprocess, synchronized
+from tests.helpers import peak_bytes_in_subprocess, synchronized
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The lm head outweighs the 4 layers here, as in small real models (Qwen2-0.5B: 136M of 494M).

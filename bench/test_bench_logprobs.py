@@ -8,7 +8,9 @@ Run as a script, it times fwd+bwd of each implementation in turn, repeat after r
 busy machine slows all alike), on one torch thread, and prints each one's speedup over the
 plain formula as the median and range over repeats (issue 12's CPU target: >= 1.0x):
 
-    python bench/test_bench_logprobs.py [--repeats 7] [--dtypes float32,bfloat16]
+    python3 -m bench.test_bench_logprobs [--repeats 7] [--dtypes float32,bfloat16]
+
+(from the repository root, which puts tests/helpers.py on the path).
 """
 
 import contextlib
@@ -20,7 +22,7 @@ import pytest
 import torch
 
 import oar_kernels as ok
-from oar_kernels.testing import peak_bytes_in_subprocess, synchronized
+from tests.helpers import peak_bytes_in_subprocess, synchronized
 
 CUDA = torch.cuda.is_available()
 # CPU shapes are scaled down (2 cores); CUDA rows use the issue's training shapes.

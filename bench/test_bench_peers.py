@@ -21,7 +21,7 @@ from test_bench_logprobs import _loss_batch, full_logits, trl_chunked
 
 import oar_kernels as ok
 from oar_kernels.logprobs import BACKEND_VARIABLE, uses_fused
-from oar_kernels.testing import assert_verbose_allclose, peak_bytes_in_subprocess, synchronized
+from tests.helpers import assert_verbose_allclose, peak_bytes_in_subprocess, synchronized
 
 # With --benchmark-disable (CI) the checked call is the test: nothing is timed.
 pytestmark = pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
@@ -206,7 +206,7 @@ def _step(impl, backward, hidden, weight, targets):
 def _peak_mb(impl, backward, shape, step):
     """Memory a call adds. CUDA: the allocator's peak over a warm call, in this process
     (exact; a fresh CUDA process per row would eat the device's time). CPU: the resident set
-    of a fresh process (oar_kernels.testing) over its first call, or its second for the rows
+    of a fresh process (tests.helpers) over its first call, or its second for the rows
     that compile, so that the compiler is not counted (a warm call would reuse the heap the
     first one left, and read lower than it needs)."""
     if CUDA:

@@ -28,7 +28,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import oar_kernels as ok
-from oar_kernels.testing import peak_bytes_in_subprocess, synchronized
+from tests.helpers import peak_bytes_in_subprocess, synchronized
 
 MASK_ID = 0
 QWEN25_05B = dict(

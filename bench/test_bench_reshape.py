@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from oar_kernels import _extension, reshape
-from oar_kernels.testing import paper_numpy_weights, random_ragged_scores, synchronized
+from tests.helpers import paper_numpy_weights, random_ragged_scores, synchronized
 
 SHAPES = [(b, t) for b in (8, 64, 256) for t in (512, 2048, 8192)]
 PARAMS = dict(tau=0.25, beta=1.0, floor=0.1, preserve_mass=True)

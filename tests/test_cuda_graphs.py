@@ -12,7 +12,7 @@ import torch
 import oar_kernels as ok
 from oar_kernels import logprobs
 from oar_kernels import loss as loss_module
-from oar_kernels.testing import assert_verbose_allclose
+from tests.helpers import assert_verbose_allclose
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import oar_kernels as ok
 from oar_kernels import _extension, logprobs, reshape
-from oar_kernels.testing import assert_verbose_allclose
+from tests.helpers import assert_verbose_allclose
 
 TRITON_HERE = reshape.triton is not None and (
     torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1"
@@ -261,7 +261,7 @@ def _valid_spans(gen, rows, length, left_pad):
 def test_importance_and_oar_advantages_finite(
     method, mode, dtype, weight_scale, left_pad, rows, length, seed
 ):
-    from oar_kernels.testing import tiny_causal_lm
+    from tests.helpers import tiny_causal_lm
 
     model = tiny_causal_lm("qwen2", seed=seed % 3).to(dtype)
     with torch.no_grad():

@@ -6,7 +6,7 @@ and shared memory are only checked here, so a first GPU run does not fail on the
 import pytest
 
 from oar_kernels import logprobs
-from oar_kernels.testing import assert_python_passes
+from tests.helpers import assert_python_passes
 
 COMPILE_ALL_CONFIGS = """
 import triton

@@ -8,16 +8,16 @@ import torch
 
 import oar_kernels as ok
 from oar_kernels.importance import gradient
-from oar_kernels.testing import (
+from tests.helpers import (
     assert_verbose_allclose,
     check_bad_call,
     device_params,
     triton_device_or_skip,
 )
-from oar_kernels.testing import (
+from tests.helpers import (
     ragged_rollouts as ragged_batch,
 )
-from oar_kernels.testing import (
+from tests.helpers import (
     tiny_causal_lm as tiny_model,
 )
 

@@ -12,7 +12,7 @@ import torch
 import oar_kernels as ok
 from oar_kernels import _extension, logprobs, reshape
 from oar_kernels.logprobs import token_logprobs_reference
-from oar_kernels.testing import assert_verbose_allclose, triton_device_or_skip
+from tests.helpers import assert_verbose_allclose, triton_device_or_skip
 
 DEFAULTS = dict(tau=0.25, beta=1.0, floor=0.1, preserve_mass=True)
 
@@ -577,7 +577,7 @@ def test_expanded_out_is_a_clear_error(path):
 
 @pytest.mark.parametrize("method", ["gradient", "perturbation"])
 def test_importance_ignores_dropout_and_restores_the_mode(method):
-    from oar_kernels.testing import tiny_causal_lm
+    from tests.helpers import tiny_causal_lm
 
     model = tiny_causal_lm("llama", seed=3)
     model.config.attention_dropout = 0.5
@@ -610,7 +610,7 @@ def test_importance_ignores_dropout_and_restores_the_mode(method):
 
 
 def test_noise_std_beyond_one_is_refused():
-    from oar_kernels.testing import tiny_causal_lm
+    from tests.helpers import tiny_causal_lm
 
     model = tiny_causal_lm("llama")
     ids = torch.randint(1, 50, (1, 6))

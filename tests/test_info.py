@@ -3,7 +3,7 @@ import sys
 
 import oar_kernels as ok
 from oar_kernels import _info, cli
-from oar_kernels.testing import assert_python_passes
+from tests.helpers import assert_python_passes
 
 
 def test_info_names_every_op_and_backend(capsys):

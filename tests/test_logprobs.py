@@ -6,7 +6,7 @@ import torch
 import oar_kernels as ok
 from oar_kernels import logprobs
 from oar_kernels.logprobs import token_logprobs_reference
-from oar_kernels.testing import (
+from tests.helpers import (
     assert_verbose_allclose,
     check_bad_call,
     device_params,

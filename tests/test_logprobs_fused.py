@@ -9,7 +9,7 @@ from test_logprobs import _run_ours as _ours  # the public call, backward includ
 import oar_kernels as ok
 from oar_kernels import logprobs
 from oar_kernels.logprobs import token_logprobs_reference
-from oar_kernels.testing import NO_CUDA, assert_verbose_allclose, triton_device_or_skip
+from tests.helpers import NO_CUDA, assert_verbose_allclose, triton_device_or_skip
 
 CUDA = torch.cuda.is_available()
 fused = pytest.importorskip("oar_kernels.logprobs_fused") if logprobs.triton else None

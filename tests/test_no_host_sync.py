@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import oar_kernels as ok
 from oar_kernels import _extension, logprobs, reshape
 from oar_kernels import loss as loss_module
-from oar_kernels.testing import assert_verbose_allclose, device_params, triton_device_or_skip
+from tests.helpers import assert_verbose_allclose, device_params, triton_device_or_skip
 
 # aten calls whose result depends on tensor values on the host: .item() / bool() / int()
 # (item, is_nonzero, _local_scalar_dense), and the ops whose output shape does.

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import oar_kernels as ok
 from oar_kernels.importance import gradient
-from oar_kernels.testing import assert_verbose_allclose, ragged_rollouts, tiny_causal_lm
+from tests.helpers import assert_verbose_allclose, ragged_rollouts, tiny_causal_lm
 
 # Ops that read a value or a data-dependent shape back to the host.
 HOST_READS = {

@@ -17,7 +17,7 @@ from transformers import (
 
 import oar_kernels as ok
 from oar_kernels.importance import gradient
-from oar_kernels.testing import TINY_VOCAB, TINY_WIDTH, assert_verbose_allclose, ragged_rollouts
+from tests.helpers import TINY_VOCAB, TINY_WIDTH, assert_verbose_allclose, ragged_rollouts
 
 COMMON = dict(
     vocab_size=TINY_VOCAB,
@@ -68,7 +68,7 @@ def test_transforms_are_read_from_the_config():
     assert gradient.logit_transform(family_model("gemma2-softcap")).softcap == 0.2
     assert gradient.logit_transform(family_model("cohere-scale")).scale == 8.0
     assert gradient.logit_transform(family_model("granite-scaling")).scale == 8.0
-    from oar_kernels.testing import tiny_causal_lm
+    from tests.helpers import tiny_causal_lm
 
     assert gradient.logit_transform(tiny_causal_lm("llama")) == gradient.LogitTransform()
 

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import oar_kernels as ok
 from oar_kernels.importance import perturbation
-from oar_kernels.testing import (
+from tests.helpers import (
     assert_verbose_allclose,
     check_bad_call,
     ragged_rollouts,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import oar_kernels as ok
-from oar_kernels.testing import (
+from tests.helpers import (
     assert_verbose_allclose,
     check_bad_call,
     ragged_rollouts,

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import oar_kernels as ok
 from oar_kernels import _extension, reshape
-from oar_kernels.testing import (
+from tests.helpers import (
     SCORE_KINDS,
     assert_python_passes,
     assert_verbose_allclose,
@@ -336,7 +336,7 @@ def test_cpp_portable_loops_match_reference():
     code = (
         "import torch, oar_kernels as ok\n"
         "from oar_kernels import reshape\n"
-        "from oar_kernels.testing import assert_verbose_allclose, random_ragged_scores\n"
+        "from tests.helpers import assert_verbose_allclose, random_ragged_scores\n"
         "for seed, kind in enumerate(['lognormal', 'ties', 'uniform', 'tiny']):\n"
         "    s, m = random_ragged_scores(9, 300, density=0.7, kind=kind, seed=seed)\n"
         "    out = torch.full(s.shape, float('nan'))\n"

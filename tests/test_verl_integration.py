@@ -12,7 +12,7 @@ import torch
 import oar_kernels as ok
 from oar_kernels.grpo.task import build_tokenizer
 from oar_kernels.integrations import verl as plugin
-from oar_kernels.testing import assert_python_passes, tiny_causal_lm
+from tests.helpers import assert_python_passes, tiny_causal_lm
 
 PROMPTS = ["Q: 12+7=?\n", "Q: 3+4=?\n", "Q: 12+7=?\n", "Q: 3+4=?\n"]
 RESPONSES = ["2+7 is 9 so \\boxed{19}", "3+4=7 \\boxed{7}", "no idea", "so \\boxed{8}"]

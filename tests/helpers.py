@@ -1,10 +1,17 @@
-"""Helpers shared by tests/ and bench/: random ragged batches, the paper's per-row numpy
-procedure, a CUDA-synchronizing wrapper for timing, and an allclose that says where it failed."""
+"""Helpers shared by tests/ and bench/ (imported as `tests.helpers`; pytest puts the
+repository root on sys.path): random ragged batches, the paper's per-row numpy procedure,
+tiny models, subprocess runners, a CUDA-synchronizing wrapper for timing, and an allclose
+that says where it failed. Not part of the installed package."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
+
+# Subprocesses start here, so that `-c` code can import tests.helpers too.
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 SCORE_KINDS = ("lognormal", "uniform", "ties", "constant", "negative", "tiny")
 
@@ -113,7 +120,11 @@ def assert_python_passes(code: str, **env: str) -> None:
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
     )
     assert done.returncode == 0, done.stderr
 
@@ -204,7 +215,9 @@ def peak_bytes_in_subprocess(setup: str, run: str, device: str) -> int:
     import textwrap
 
     script = _PEAK_HARNESS.format(setup=setup, run=textwrap.indent(run, "    "), device=device)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
