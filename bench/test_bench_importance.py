@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import oar_kernels as ok
-from oar_kernels.importance.gradient import clean_sequence_logprobs
+from oar_kernels.importance.causal_lm import clean_sequence_logprobs
 from tests.helpers import peak_bytes_in_subprocess, synchronized
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -8,12 +8,9 @@ import torch
 
 from oar_kernels import reshape
 from oar_kernels._checks import require_finite
-from oar_kernels.importance.gradient import (
-    GRADIENT_OVERFLOW,
-    clean_sequence_logprobs,
-    require_finite_scores,
-    run_gradient_importance,
-)
+from oar_kernels.importance.batch import require_finite_scores
+from oar_kernels.importance.causal_lm import clean_sequence_logprobs
+from oar_kernels.importance.gradient import GRADIENT_OVERFLOW, run_gradient_importance
 from oar_kernels.importance.perturbation import perturbation_importance
 
 METHODS = ("gradient", "perturbation")

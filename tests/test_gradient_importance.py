@@ -8,6 +8,8 @@ import torch
 
 import oar_kernels as ok
 from oar_kernels.importance import gradient
+from oar_kernels.importance.batch import MODES
+from oar_kernels.importance.causal_lm import position_ids_from
 from tests.helpers import (
     assert_verbose_allclose,
     check_bad_call,
@@ -20,8 +22,6 @@ from tests.helpers import (
 from tests.helpers import (
     tiny_causal_lm as tiny_model,
 )
-
-MODES = ["answer_joint", "answer_mean", "last"]
 
 
 def reference_row(model64, ids, score, answer, mode, noise):
@@ -201,7 +201,7 @@ def _plain_old_logprobs(model, ids, attn):
     """What a GRPO trainer computes anyway: a forward with full logits, log_softmax, gather."""
     with torch.no_grad():
         logits = model(
-            input_ids=ids, attention_mask=attn.long(), position_ids=gradient.position_ids_from(attn)
+            input_ids=ids, attention_mask=attn.long(), position_ids=position_ids_from(attn)
         ).logits
     logp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, ids[:, 1:, None])[..., 0]
     valid = attn[:, 1:] & attn[:, :-1]

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import oar_kernels as ok
+from oar_kernels.importance.batch import MODES
 from tests.helpers import TINY_VOCAB, device_params, ragged_rollouts, tiny_causal_lm
 
-MODES = ["answer_joint", "answer_mean", "last"]
 MASK_ID = 0
 
 

@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import oar_kernels as ok
-from oar_kernels.importance import gradient
+from oar_kernels.importance import causal_lm, gradient
 from tests.helpers import assert_verbose_allclose, ragged_rollouts, tiny_causal_lm
 
 # Ops that read a value or a data-dependent shape back to the host.
@@ -68,7 +68,7 @@ def setup():
 
 def decoder_forward(model, ids, attn, embeds=None):
     embeds = model.get_input_embeddings()(ids) if embeds is None else embeds
-    return gradient._decode(model, embeds, attn.long())
+    return causal_lm.decode(model, embeds, attn.long())
 
 
 def forward_and_input_backward(model, ids, attn, score, answer):

@@ -5,7 +5,7 @@ model's own forward logits. Tiny random models built here (no downloads)."""
 
 import pytest
 import torch
-from test_gradient_importance import MODES, reference_row
+from test_gradient_importance import reference_row
 from transformers import (
     CohereConfig,
     CohereForCausalLM,
@@ -16,7 +16,9 @@ from transformers import (
 )
 
 import oar_kernels as ok
-from oar_kernels.importance import gradient
+from oar_kernels.importance import causal_lm, gradient
+from oar_kernels.importance.batch import MODES
+from oar_kernels.logprobs import CHUNK_BYTES
 from tests.helpers import TINY_VOCAB, TINY_WIDTH, assert_verbose_allclose, ragged_rollouts
 
 COMMON = dict(
@@ -54,23 +56,23 @@ def model_logits(model, ids, attn):
         return model(
             input_ids=ids,
             attention_mask=attn.long(),
-            position_ids=gradient.position_ids_from(attn),
+            position_ids=causal_lm.position_ids_from(attn),
         ).logits
 
 
 def decoder_hidden(model, ids, attn):
     with torch.no_grad():
         embeds = model.get_input_embeddings()(ids)
-        return gradient._decode(model, embeds, attn.long())
+        return causal_lm.decode(model, embeds, attn.long())
 
 
 def test_transforms_are_read_from_the_config():
-    assert gradient.logit_transform(family_model("gemma2-softcap")).softcap == 0.2
-    assert gradient.logit_transform(family_model("cohere-scale")).scale == 8.0
-    assert gradient.logit_transform(family_model("granite-scaling")).scale == 8.0
+    assert causal_lm.logit_transform(family_model("gemma2-softcap")).softcap == 0.2
+    assert causal_lm.logit_transform(family_model("cohere-scale")).scale == 8.0
+    assert causal_lm.logit_transform(family_model("granite-scaling")).scale == 8.0
     from tests.helpers import tiny_causal_lm
 
-    assert gradient.logit_transform(tiny_causal_lm("llama")) == gradient.LogitTransform()
+    assert causal_lm.logit_transform(tiny_causal_lm("llama")) == causal_lm.LogitTransform()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -79,14 +81,14 @@ def test_head_logits_and_logprobs_equal_the_models_forward(family, monkeypatch):
     ids, attn, *_ = ragged_rollouts(seed=1, left_pad=False)
     want = model_logits(model, ids, attn)
     hidden = decoder_hidden(model, ids, attn)
-    assert_verbose_allclose(gradient.head_logits(model, hidden), want, rtol=1e-10, atol=1e-12)
+    assert_verbose_allclose(causal_lm.head_logits(model, hidden), want, rtol=1e-10, atol=1e-12)
     # The plain head differs: the test can see a missing transform.
     plain = torch.nn.functional.linear(hidden, model.get_output_embeddings().weight)
     assert (plain - want).abs().max() > 1e-2
     # Soft-capped logprobs are made in row chunks: three rows a chunk here.
-    monkeypatch.setitem(gradient.CHUNK_BYTES, "cpu", 3 * 4 * TINY_VOCAB)
+    monkeypatch.setitem(CHUNK_BYTES, "cpu", 3 * 4 * TINY_VOCAB)
     targets = ids[:, 1:]
-    got = gradient.head_logprobs(model, hidden[:, :-1], targets)
+    got = causal_lm.head_logprobs(model, hidden[:, :-1], targets)
     expected = torch.log_softmax(want[:, :-1], -1).gather(-1, targets[..., None])[..., 0]
     assert_verbose_allclose(got, expected, rtol=1e-10, atol=1e-12, name="logprobs")
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import oar_kernels as ok
+from oar_kernels.importance.batch import MODES
 from tests.helpers import (
     assert_verbose_allclose,
     check_bad_call,
@@ -11,7 +12,6 @@ from tests.helpers import (
     tiny_causal_lm,
 )
 
-MODES = ["last", "answer_mean", "answer_joint"]
 MASK_ID = 0
 
 

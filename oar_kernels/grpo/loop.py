@@ -50,7 +50,7 @@ from oar_kernels.grpo.task import (
     make_problem,
     reward,
 )
-from oar_kernels.importance.gradient import (
+from oar_kernels.importance.causal_lm import (
     clean_sequence_logprobs,
     lm_head_parameters,
     position_ids_from,

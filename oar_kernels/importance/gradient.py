@@ -9,9 +9,11 @@ picks the pass (answer token counts, noise) is read back to the host once, up fr
 
 The logits are the model's own: a scaled (Cohere `logit_scale`, Granite `logits_scaling`)
 or soft-capped (Gemma-2 `final_logit_softcapping`) head is read from the config
-(`logit_transform`) and applied wherever logits or logprobs are made.
+(`causal_lm.logit_transform`) and applied wherever logits or logprobs are made.
 
-Also here: the `oar::saliency` op (reference, torch, Triton) for that last reduction.
+Also here: the `oar::saliency` op (reference, torch, Triton) for that last reduction. The
+batch checks and model helpers OAR-P shares live in `importance.batch` and
+`importance.causal_lm`.
 """
 
 from __future__ import annotations
@@ -28,13 +30,18 @@ from oar_kernels._checks import (
     require_mask,
     require_real_in,
     require_same_device,
-    require_token_ids,
 )
 from oar_kernels._ops import lib
 from oar_kernels._triton import on_device_of, tl, triton
-from oar_kernels.logprobs import CHUNK_BYTES, token_logprobs
-
-MODES = ("answer_joint", "answer_mean", "last")
+from oar_kernels.importance.batch import check_batch, outcome_positions, require_finite_scores
+from oar_kernels.importance.causal_lm import (
+    decode,
+    eval_mode,
+    head_logits,
+    head_logprobs,
+    logit_transform,
+    sequence_logprobs,
+)
 
 # ------------------------------------------------------------------ saliency reduction
 
@@ -131,91 +138,7 @@ torch.library.register_autograd("oar::saliency", _saliency_backward, setup_conte
 CPU_BACKEND = "torch"
 CUDA_BACKEND = "triton" if triton is not None else "torch (triton not installed)"
 
-# ------------------------------------------------------------------ the model's logits
-
-
-@dataclass(frozen=True)
-class LogitTransform:
-    """What a model's forward does to its lm head's output l before the softmax:
-    z = scale * l, then z = softcap * tanh(z / softcap) when softcap is set (SPEC section 3's z
-    are the model's logits, so every outcome and logprob here goes through this)."""
-
-    scale: float = 1.0  # Cohere `logit_scale`; 1 / Granite `logits_scaling`
-    softcap: float | None = None  # Gemma-2 `final_logit_softcapping`
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        z = logits if self.scale == 1.0 else logits * self.scale
-        return z if self.softcap is None else self.softcap * torch.tanh(z / self.softcap)
-
-
-def logit_transform(model) -> LogitTransform:
-    """The model's logit transform, read from its (text) config; identity for plain heads."""
-    config = getattr(model, "config", None)
-    if config is not None and callable(getattr(config, "get_text_config", None)):
-        config = config.get_text_config()
-    scale = float(getattr(config, "logit_scale", None) or 1.0)
-    scale /= float(getattr(config, "logits_scaling", None) or 1.0)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    return LogitTransform(scale, float(softcap) if softcap else None)
-
-
-def lm_head_parameters(model):
-    head = model.get_output_embeddings()
-    return head.weight, getattr(head, "bias", None)
-
-
-def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's logits z [..., V] (float32, float64 for float64) of hidden states [..., H]."""
-    weight, bias = lm_head_parameters(model)
-    logits = torch.nn.functional.linear(hidden, weight, bias)
-    return logit_transform(model)(logits.to(torch.promote_types(logits.dtype, torch.float32)))
-
-
-def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(z)[target] for hidden [..., H] and targets [...] (z: `head_logits`);
-    float32 (float64 for float64) shaped like targets, differentiable w.r.t. hidden.
-
-    A scaled head is token_logprobs at temperature 1 / scale (no logits in memory). A
-    soft-capped one is not linear, so its logits are made explicitly, in row chunks of
-    logprobs.CHUNK_BYTES.
-    """
-    weight, bias = lm_head_parameters(model)
-    transform = logit_transform(model)
-    if transform.softcap is None:
-        return token_logprobs(hidden, weight, targets, bias=bias, temperature=1.0 / transform.scale)
-    flat, goals = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    budget = CHUNK_BYTES.get(hidden.device.type, CHUNK_BYTES["cpu"])
-    rows = max(1, budget // (4 * weight.shape[0]))
-    parts = [
-        torch.log_softmax(head_logits(model, h), -1).gather(-1, t[:, None])[:, 0]
-        for h, t in zip(flat.split(rows), goals.split(rows))
-    ]
-    if not parts:  # no rows
-        return flat.new_zeros(targets.shape, dtype=torch.promote_types(flat.dtype, torch.float32))
-    return torch.cat(parts).reshape(targets.shape)
-
-
-# ------------------------------------------------------------------ outcome objectives
-
-
-def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions follow the attention mask (SPEC section 2): left padding changes nothing."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def outcome_positions(attention_mask, answer_mask, mode):
-    """Per row, the position whose logits `last` reads, and whether the row uses `last`
-    (mode == "last", or no answer span). Returns ([B] long, [B] bool)."""
-    has_answer = answer_mask.any(dim=1)
-    uses_last = ~has_answer if mode != "last" else torch.ones_like(has_answer)
-    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    first_answer = torch.where(answer_mask, columns, attention_mask.shape[1]).amin(dim=1)
-    last_real = torch.where(attention_mask.bool(), columns, -1).amax(dim=1)
-    # `last` reads z_{a0 - 1}, the logits predicting the first answer token; without an
-    # answer span, the logits of the last real token.
-    last_pos = torch.where(has_answer, first_answer - 1, last_real)
-    return last_pos, uses_last
-
+# ------------------------------------------------------------------ the OAR-G pass
 
 # The noise probes the embeddings' neighbourhood (1e-3 by default); beyond the embeddings'
 # own scale it measures another input, and large values overflow the model's norms into
@@ -235,19 +158,6 @@ def _frozen_parameters(model):
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """Dropout off for the pass (scores of a model in train mode would be random: the noised
-    and clean forwards would differ by their dropout masks); every module's mode after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _checkpoint_in_eval(layer, forward, *args):
@@ -285,16 +195,6 @@ def _activation_checkpointing_kept(model):
     finally:
         for layer, training, func in saved:
             layer.training, layer._gradient_checkpointing_func = training, func
-
-
-def _decode(model, embeds, attention_mask):
-    out = model.get_decoder()(
-        inputs_embeds=embeds,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from(attention_mask),
-        use_cache=False,
-    )
-    return out.last_hidden_state
 
 
 def _answer_logprob_mean(model, hidden, input_ids, answer_mask, answers):
@@ -348,26 +248,6 @@ def _objective(model, input_ids, answer_mask, answers, mode, clean_log_p, noisy_
     return total
 
 
-def _sequence_logprobs(model, hidden, input_ids, attention_mask):
-    """log p(x_t | x_<t) at every real token with a real predecessor, 0 elsewhere ([B, T])."""
-    with torch.no_grad():
-        logp = head_logprobs(model, hidden[:, :-1].detach(), input_ids[:, 1:])
-    valid = (attention_mask[:, 1:] & attention_mask[:, :-1]).bool()
-    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-    out[:, 1:] = torch.where(valid, logp, 0.0)
-    return out
-
-
-def clean_sequence_logprobs(model, input_ids, attention_mask):
-    """Per-token logprobs [B, T] float32 of one clean batched forward (0 where undefined)."""
-    if input_ids.numel() == 0:  # a decoder cannot run on no tokens
-        return torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-    with torch.no_grad(), eval_mode(model):
-        embeds = model.get_input_embeddings()(input_ids)
-        hidden = _decode(model, embeds, attention_mask.long())
-        return _sequence_logprobs(model, hidden, input_ids, attention_mask.long())
-
-
 @dataclass(frozen=True)
 class _Plan:
     """What the one host read decided for a micro-batch."""
@@ -393,7 +273,7 @@ def _gradient_importance_batch(
     # The clean forward exists for the KL's P(x); without noise the grad forward is clean too.
     if needs_kl or (want_old_logprobs and plan.noisy):
         with torch.no_grad():
-            clean_hidden = _decode(model, embeds, attention_mask)
+            clean_hidden = decode(model, embeds, attention_mask)
     if needs_kl:
         clean_log_p = _outcome_log_distribution(
             model, clean_hidden, answer_mask, answers, mode, *outcome
@@ -403,7 +283,7 @@ def _gradient_importance_batch(
         noised = embeds + noise * score_mask[..., None].to(noise.dtype) if plan.noisy else embeds
         leaf = noised.detach().requires_grad_()
         with _activation_checkpointing_kept(model):
-            hidden = _decode(model, leaf, attention_mask)
+            hidden = decode(model, leaf, attention_mask)
             objective = _objective(
                 model, input_ids, answer_mask, answers, mode, clean_log_p, hidden, outcome
             )
@@ -413,11 +293,11 @@ def _gradient_importance_batch(
         scores, _ = _zero_outputs(input_ids, False)
         if want_old_logprobs and clean_hidden is None:
             with torch.no_grad():
-                hidden = _decode(model, embeds, attention_mask)
+                hidden = decode(model, embeds, attention_mask)
     old_logprobs = None
     if want_old_logprobs:
         source = hidden if clean_hidden is None else clean_hidden
-        old_logprobs = _sequence_logprobs(model, source, input_ids, attention_mask)
+        old_logprobs = sequence_logprobs(model, source, input_ids, attention_mask)
     return scores, old_logprobs
 
 
@@ -425,119 +305,6 @@ def _row_groups(rows: int, width: int, max_batch_tokens: int | None):
     """Consecutive row ranges whose padded token count stays within the budget."""
     per_group = rows if max_batch_tokens is None else max(1, max_batch_tokens // max(width, 1))
     return [slice(start, min(rows, start + per_group)) for start in range(0, rows, per_group)]
-
-
-CAUSAL_LM_METHODS = ("get_input_embeddings", "get_decoder", "get_output_embeddings")
-
-
-def require_causal_lm(model) -> None:
-    """The ops drive a Hugging Face causal LM through these accessors only."""
-    if not isinstance(model, torch.nn.Module) or not all(
-        callable(getattr(model, method, None)) for method in CAUSAL_LM_METHODS
-    ):
-        raise TypeError(
-            f"model must be a Hugging Face causal LM (a torch.nn.Module with "
-            f"{', '.join(CAUSAL_LM_METHODS)}), got {type(model).__name__}"
-        )
-    # A base model (no lm head) answers get_output_embeddings() with None.
-    for accessor in ("get_input_embeddings", "get_output_embeddings"):
-        if not isinstance(getattr(getattr(model, accessor)(), "weight", None), torch.Tensor):
-            raise TypeError(
-                f"model must be a causal LM with an lm head (model.{accessor}() has no weight), "
-                f"got {type(model).__name__}"
-            )
-
-
-def vocab_size(model) -> int:
-    return model.get_input_embeddings().weight.shape[0]
-
-
-def _span_violations(model, input_ids, attention_mask, score_mask, answer_mask):
-    """Each row is one contiguous run of real tokens holding the score span and, after it,
-    the answer span; anything else would score padding or read logits nobody defined.
-    Returns (messages, [len(messages)] bool flags, True where violated); nothing is read."""
-    padding = ~attention_mask
-    starts = attention_mask.clone()  # the first real token of each run
-    starts[:, 1:] &= padding[:, :-1]
-    vocab = vocab_size(model)
-    elementwise = {
-        "score_mask must lie inside attention_mask (it is set on padding)": score_mask & padding,
-        "answer_mask must lie inside attention_mask (it is set on padding)": answer_mask & padding,
-        "score_mask and answer_mask must not overlap: the answer comes after the score span "
-        "(SPEC section 2)": score_mask & answer_mask,
-        "answer_mask must not cover a row's first real token: no position predicts it": (
-            answer_mask & starts
-        ),
-        f"input_ids must lie in [0, {vocab}), the model's vocabulary": (input_ids < 0)
-        | (input_ids >= vocab),
-    }
-    messages = [
-        "attention_mask must mark one contiguous run of real tokens per row "
-        "(left or right padding)",
-        *elementwise,
-    ]
-    runs = (starts.sum(dim=1) > 1).any()
-    flags = torch.cat([runs[None], torch.stack(list(elementwise.values())).flatten(1).any(dim=1)])
-    return messages, flags
-
-
-def read_checks(messages, flags: torch.Tensor, counts: torch.Tensor | None = None) -> list[int]:
-    """Raises ValueError with the first message whose flag ([len(messages)] bool) is set;
-    returns `counts` ([N] integer) as ints. One read back to the host for all of it."""
-    values = flags.long() if counts is None else torch.cat([flags.long(), counts.long()])
-    found = values.tolist()  # the read
-    for message, bad in zip(messages, found):
-        if bad:
-            raise ValueError(message)
-    return found[len(messages) :]
-
-
-def _batch_violations(model, input_ids, attention_mask, score_mask, answer_mask, mode):
-    """check_batch without its read: ((attention, score, answer) bool masks, messages, flags)."""
-    require_causal_lm(model)
-    require_token_ids("input_ids", input_ids)
-    shape = input_ids.shape
-    attention_mask = require_mask("attention_mask", attention_mask, shape)
-    score_mask = require_mask("score_mask", score_mask, shape)
-    answer_mask = (
-        torch.zeros_like(score_mask)
-        if answer_mask is None
-        else require_mask("answer_mask", answer_mask, shape)
-    )
-    require_same_device(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        score_mask=score_mask,
-        answer_mask=answer_mask,
-        model=model.get_input_embeddings().weight,
-    )
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    masks = (attention_mask, score_mask, answer_mask)
-    return (masks, *_span_violations(model, input_ids, *masks))
-
-
-def check_batch(model, input_ids, attention_mask, score_mask, answer_mask, mode):
-    """Validates what both importance ops take; returns bool (attention, score, answer) masks.
-
-    The rules (ValueError naming the argument at fault; TypeError for a wrong type): input_ids
-    int64/int32 [B, T] inside the model's vocabulary; masks bool or integer [B, T]; everything
-    on the model's device; each row's real tokens one contiguous run; score_mask and
-    answer_mask inside attention_mask and disjoint (the answer follows the score span);
-    answer_mask off each row's first real token (no logits predict it). answer_mask None
-    means no row has an answer span (every row uses `last`). One read back to the host.
-    """
-    masks, messages, flags = _batch_violations(
-        model, input_ids, attention_mask, score_mask, answer_mask, mode
-    )
-    read_checks(messages, flags)
-    return masks
-
-
-def require_finite_scores(scores: torch.Tensor, cause: str) -> None:
-    """Finite inputs must not give NaN scores silently: an overflow in the model is an error."""
-    if not bool(torch.isfinite(scores).all()):
-        raise ValueError(f"importance scores came out non-finite (NaN or Inf): {cause}")
 
 
 GRADIENT_OVERFLOW = (
@@ -589,13 +356,13 @@ def run_gradient_importance(
     counts, whether there is noise), one for finite scores (none with check_finite=False,
     for callers that read the scores' finiteness together with their own values).
     """
-    (attention_mask, score_mask, answer_mask), messages, flags = _batch_violations(
+    (attention_mask, score_mask, answer_mask), checks = check_batch(
         model, input_ids, attention_mask, score_mask, answer_mask, mode
     )
     noise_std = _check_gradient_arguments(mode, noise_std, generator, max_batch_tokens)
     shape = input_ids.shape
     if input_ids.numel() == 0:  # nothing to score, and a decoder cannot run on no tokens
-        read_checks(messages, flags)
+        checks.read()
         return _zero_outputs(input_ids, want_old_logprobs)
     weight = model.get_input_embeddings().weight
     if noise is None and noise_std > 0:
@@ -605,14 +372,12 @@ def run_gradient_importance(
         noise = noise.to(weight.dtype)
         noisy = noise.any()
     if mode != "answer_joint":
-        messages.append(
+        checks.add(
             f"noise_std={noise_std} underflows to no noise in {weight.dtype}: the KL's "
-            "gradient is 0 without noise"
+            "gradient is 0 without noise",
+            ~noisy,
         )
-        flags = torch.cat([flags, ~noisy[None]])
-    *answer_tokens, noisy = read_checks(
-        messages, flags, torch.cat([answer_mask[:, 1:].sum(dim=1), noisy[None]])
-    )
+    *answer_tokens, noisy = checks.read(torch.cat([answer_mask[:, 1:].sum(dim=1), noisy[None]]))
     attention_mask = attention_mask.long()
     groups = _row_groups(shape[0], shape[1], max_batch_tokens)
     if len(groups) > 1:

@@ -29,16 +29,12 @@ import numpy as np
 import torch
 
 from oar_kernels._checks import require_bool, require_int
-from oar_kernels.importance.gradient import (
-    MODES,
-    _batch_violations,
+from oar_kernels.importance.batch import check_batch, outcome_positions, require_finite_scores
+from oar_kernels.importance.causal_lm import (
     eval_mode,
     head_logits,
     logit_transform,
-    outcome_positions,
     position_ids_from,
-    read_checks,
-    require_finite_scores,
     vocab_size,
 )
 
@@ -247,18 +243,16 @@ def _checked_batch(model, input_ids, attention_mask, score_mask, answer_mask, mo
     """`check_batch`, with the masks and outcome positions the plan needs read back to the
     host in the same transfer: the pass's one read. Returns the device masks (bool) and
     the host arrays (attention, score, answer [B, T] bool, last_pos [B], uses_last [B])."""
-    masks, messages, flags = _batch_violations(
-        model, input_ids, attention_mask, score_mask, answer_mask, mode
-    )
+    masks, checks = check_batch(model, input_ids, attention_mask, score_mask, answer_mask, mode)
     attention_mask, score_mask, answer_mask = masks
     if attention_mask.numel() == 0:  # no outcome positions to find (and nothing to plan)
-        read_checks(messages, flags)
+        checks.read()
         return masks, None
     last_pos, uses_last = outcome_positions(attention_mask, answer_mask, mode)
     # Each cell's three mask bits in one int.
     cells = attention_mask.long() + 2 * score_mask.long() + 4 * answer_mask.long()
     packed = torch.cat([cells.flatten(), last_pos.long(), uses_last.long()])
-    host = np.array(read_checks(messages, flags, packed), dtype=np.int64)
+    host = np.array(checks.read(packed), dtype=np.int64)
     cells = host[: cells.numel()].reshape(cells.shape)
     last_pos, uses_last = host[cells.size :].reshape(2, -1)
     bits = [(cells >> bit & 1).astype(bool) for bit in range(3)]
@@ -509,7 +503,6 @@ def perturbation_importance(
 
 __all__ = [
     "DEFAULT_MAX_BATCH_BYTES",
-    "MODES",
     "ModelDims",
     "PerturbationStats",
     "counterfactual_bytes",
