@@ -3,29 +3,40 @@
 import argparse
 import sys
 
+# Each command: its one-line help and the function that adds its arguments. Only the
+# command being run gets its arguments (the train flags import TrainConfig, and with it
+# torch), so `oar-kernels --help` is quick.
+COMMANDS = {
+    "info": "versions, extension status and each op's backend",
+    "reshape-demo": "reshape a synthetic GRPO batch and show it",
+    "train": "a reference GRPO run on the embedded task",
+    "demo": "GRPO vs OAR-G on the embedded task, 3 seeds",
+    "study": "the credit-assignment study of docs/study/DESIGN.md (filler task, controls)",
+    "viz": "curves and token-weight heatmaps of finished runs",
+}
+
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="oar-kernels", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("info", help="versions, extension status and each op's backend")
-    reshape_demo = commands.add_parser(
-        "reshape-demo", help="reshape a synthetic GRPO batch and show it"
-    )
-    reshape_demo.add_argument("--batch", type=_positive_int, default=4, help="rollouts to show")
-    reshape_demo.add_argument("--seed", type=int, default=0)
-    _add_train_parser(commands)
-    _add_demo_parser(commands)
-    _add_study_parser(commands)
-    viz = commands.add_parser("viz", help="curves and token-weight heatmaps of finished runs")
-    viz.add_argument("runs", nargs="+", help="run directories (as written by train or demo)")
-    viz.add_argument("--out", help="where to write the pictures (default: the first run's)")
-    args = parser.parse_args(argv)
+    # The top-level parser has no option that takes a value: the first word is the command.
+    chosen = next((word for word in argv if not word.startswith("-")), None)
+    parsers = {}
+    for name, help in COMMANDS.items():
+        if name == chosen:
+            parsers[name] = _ADD_ARGUMENTS[name](commands, name, help)
+        else:
+            commands.add_parser(name, help=help)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the command's usage, not the top-level one
+        parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     from oar_kernels.grpo.config import ConfigError
 
     try:
         return _dispatch(args)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"interrupted{_continue_hint(args)}", file=sys.stderr)
         return 130
     # Bad config values; an out_dir in use, unwritable or not a run; a missing or unreadable
     # checkpoint.
@@ -34,57 +45,107 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _add_train_parser(commands) -> None:
-    from oar_kernels.grpo.config import TrainConfig, field_types
+def _continue_hint(args) -> str:
+    """How to go on after Ctrl-C, as far as the command allows."""
+    if args.command == "train":
+        out_dir = getattr(args, "out_dir", "runs/train")
+        return f": continue with `oar-kernels train --resume --out-dir {out_dir}`"
+    if args.command == "demo":
+        return (
+            ": `oar-kernels demo` starts every run afresh; the interrupted run's last finished "
+            "step is saved in its directory, which `oar-kernels train --resume --out-dir "
+            "<that directory>` continues on its own"
+        )
+    return ""
+
+
+def _add_info_parser(commands, name, help):
+    return commands.add_parser(name, help=help)
+
+
+def _add_reshape_demo_parser(commands, name, help):
+    reshape_demo = commands.add_parser(name, help=help)
+    reshape_demo.add_argument("--batch", type=_positive_int, default=4, help="rollouts to show")
+    reshape_demo.add_argument("--seed", type=int, default=0, help="of the synthetic batch")
+    return reshape_demo
+
+
+def _add_train_parser(commands, name, help):
+    from oar_kernels.grpo.config import TrainConfig, choices_of, field_types, flag_help
 
     train = commands.add_parser(
-        "train",
-        help="a reference GRPO run on the embedded task",
+        name,
+        help=help,
         description=TrainConfig.__doc__,
         argument_default=argparse.SUPPRESS,  # only flags given on the line override the file
     )
     train.add_argument(
-        "--config", default=None, help="a YAML file of TrainConfig keys; flags override it"
+        "--config",
+        default=None,
+        help="a YAML file of TrainConfig keys (field or flag names: out_dir or out-dir); "
+        "flags override it",
     )
     train.add_argument(
-        "--resume", action="store_true", default=False, help="continue from out_dir's checkpoint"
+        "--resume",
+        action="store_true",
+        default=False,
+        help="continue the run in --out-dir from its checkpoint, with the config it was "
+        "started with (config.yaml there); flags and --config change only what a "
+        "continuation may change (steps, bookkeeping), anything else is refused",
     )
     train.add_argument(
-        "--overwrite", action="store_true", default=False, help="replace a run in out_dir"
+        "--overwrite", action="store_true", default=False, help="replace a run in --out-dir"
     )
-    defaults = TrainConfig()
-    for name, kind in field_types().items():
-        flag = "--" + name.replace("_", "-")
-        default = getattr(defaults, name)
+    for field, kind in field_types().items():
+        flag = "--" + field.replace("_", "-")
         if kind is bool:
-            train.add_argument(
-                flag, dest=name, action=argparse.BooleanOptionalAction, help=f"(default {default})"
-            )
+            action = argparse.BooleanOptionalAction
+            train.add_argument(flag, dest=field, action=action, help=flag_help(field))
         else:
-            train.add_argument(flag, dest=name, type=kind, help=f"(default {default})")
+            # The choices are shown, not enforced here: TrainConfig's error names the flag
+            # and applies to --config files alike.
+            choices = choices_of(field)
+            metavar = "{" + ",".join(choices) + "}" if choices else None
+            train.add_argument(flag, dest=field, type=kind, metavar=metavar, help=flag_help(field))
+    return train
 
 
-def _add_demo_parser(commands) -> None:
-    demo = commands.add_parser("demo", help="GRPO vs OAR-G on the embedded task, 3 seeds")
+def _add_demo_parser(commands, name, help):
+    demo = commands.add_parser(name, help=help)
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    demo.add_argument("--seeds", type=_positive_int, default=3)
-    demo.add_argument("--steps", type=_positive_int, default=30)
+    demo.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=3,
+        help="seeds 0 to N-1 of every method; each seed fixes a run's prompts and samples "
+        "(default 3)",
+    )
+    demo.add_argument(
+        "--steps", type=_positive_int, default=30, help="optimizer steps of every run (default 30)"
+    )
     demo.add_argument(
         "--methods",
         type=_methods,
         default=("grpo", "oar-g"),
         help="comma-separated, from grpo,oar-g,oar-p (default grpo,oar-g)",
     )
-    demo.add_argument("--no-progress", dest="progress", action="store_false")
+    demo.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bars"
+    )
+    return demo
 
 
-def _add_study_parser(commands) -> None:
+def _add_viz_parser(commands, name, help):
+    viz = commands.add_parser(name, help=help)
+    viz.add_argument("runs", nargs="+", help="run directories (as written by train or demo)")
+    viz.add_argument("--out", help="where to write the pictures (default: the first run's)")
+    return viz
+
+
+def _add_study_parser(commands, name, help):
     from oar_kernels.grpo.study import ARMS, PRESETS
 
-    study = commands.add_parser(
-        "study",
-        help="the credit-assignment study of docs/study/DESIGN.md (filler task, controls)",
-    )
+    study = commands.add_parser(name, help=help)
     study.add_argument("--preset", choices=tuple(PRESETS), default="pilot")
     study.add_argument("--out", default=None, help="output directory (default runs/<preset>)")
     study.add_argument("--seeds", type=_positive_int, help="seeds (default: the preset's)")
@@ -102,6 +163,17 @@ def _add_study_parser(commands) -> None:
         action="store_true",
         help="train nothing: tabulate and draw the runs already finished in --out",
     )
+    return study
+
+
+_ADD_ARGUMENTS = {
+    "info": _add_info_parser,
+    "reshape-demo": _add_reshape_demo_parser,
+    "train": _add_train_parser,
+    "demo": _add_demo_parser,
+    "study": _add_study_parser,
+    "viz": _add_viz_parser,
+}
 
 
 def _dispatch(args) -> int:
@@ -115,15 +187,19 @@ def _dispatch(args) -> int:
 
         reshape_demo.run(batch=args.batch, seed=args.seed)
     elif args.command == "train":
-        from oar_kernels.grpo.config import TrainConfig
+        from oar_kernels.grpo.config import TrainConfig, read_yaml
         from oar_kernels.grpo.loop import train
 
         special = ("command", "config", "resume", "overwrite")
         flags = {k: v for k, v in vars(args).items() if k not in special}
         if args.config:
-            config = TrainConfig.from_yaml(args.config, **flags)
+            flags = {**read_yaml(args.config), **flags}
+        if args.resume:
+            out_dir = flags.pop("out_dir", TrainConfig.out_dir)
+            config = TrainConfig.of_run(out_dir, **flags)
         else:
             config = TrainConfig.from_dict(flags)
+        args.out_dir = config.out_dir  # for the hint after Ctrl-C
         result = train(config, resume=args.resume, overwrite=args.overwrite)
         print(
             f"held-out pass@1 {result.start_accuracy:.3f} -> {result.final_accuracy:.3f} "

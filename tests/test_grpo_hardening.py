@@ -294,6 +294,7 @@ BAD_VALUES = [
     ("scale_rewards", "std"),
     ("loss_type", "ppo"),
     ("num_iterations", 0),
+    ("warmup_updates", -1),
     ("lr", 0.0),
     ("lr", math.inf),
     ("lr", "1e-4"),

@@ -23,12 +23,20 @@ LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 OAR_MODES = ("answer_joint", "answer_mean", "last")
 DEVICES = ("auto", "cpu", "cuda")
 HEADS = ModelSpec.num_heads
+RUN_CONFIG = "config.yaml"  # a run's config, in its out_dir
+# Fields added since runs were first saved, with the value a run saved before ran with.
+FIELDS_ADDED = {"warmup_updates": 0}
 # Field annotations are strings (postponed evaluation): the types they name.
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
 class ConfigError(ValueError):
     """A run that cannot start as asked: a bad key or value, a missing checkpoint."""
+
+
+def _field(default, help: str):
+    """A TrainConfig field and its help text (`oar-kernels train --help` shows it)."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -39,54 +47,87 @@ class TrainConfig:
     fail on a value fails before its warm start, with a ConfigError naming the field.
     """
 
-    # grpo | oar-g (gradient saliency) | oar-p (counterfactual masking) | their controls
-    # oar-g-shuffled, oar-p-shuffled, oar-g-inverted, oar-p-inverted (weights permuted)
-    method: str = "oar-g"
-    seed: int = 0
-    steps: int = 30  # optimizer batches (each: rollouts, advantages, num_iterations updates)
-    out_dir: str = "runs/train"
+    method: str = _field(
+        "oar-g",
+        "what weighs the group advantage per token: nothing (grpo), gradient saliency (oar-g), "
+        "counterfactual masking (oar-p); the -shuffled and -inverted controls permute the OAR "
+        "weights within each row",
+    )
+    seed: int = _field(0, "fixes the run's prompts and samples (not the warm start)")
+    steps: int = _field(
+        30, "optimizer batches; each one: rollouts, advantages, num_iterations updates"
+    )
+    out_dir: str = _field(
+        "runs/train", "where config.yaml, metrics.jsonl, samples.jsonl, checkpoint.pt go"
+    )
     # rollouts
-    prompts_per_step: int = 8
-    num_generations: int = 8  # completions per prompt (the GRPO group)
-    temperature: float = 1.0
-    max_new_tokens: int = 128  # beyond the filler task's fillers, which get room of their own
-    rollout_backend: str = "hf"  # hf (transformers generate) | vllm (the vllm extra, CUDA)
+    prompts_per_step: int = _field(8, "problems drawn per step")
+    num_generations: int = _field(8, "completions sampled per problem (the GRPO group)")
+    temperature: float = _field(1.0, "sampling temperature of rollouts, loss and evaluation")
+    max_new_tokens: int = _field(
+        128, "completion budget, beyond the filler task's fillers (which get room of their own)"
+    )
+    rollout_backend: str = _field(
+        "hf", "samples with transformers generate (hf) or vllm (the vllm extra, CUDA)"
+    )
     # GRPO update
-    scale_rewards: str = "group"  # divide by the group's reward std, the batch's, or none
-    loss_type: str = "dapo"
-    num_iterations: int = 2  # PPO epochs over each batch, against the rollout's logprobs
-    lr: float = 1e-4
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.2
-    kl_beta: float = 0.0  # weight of the k3 KL to the warm-started reference model
-    max_grad_norm: float = 1.0
+    scale_rewards: str = _field(
+        "group", "divide each advantage by its group's reward std, the batch's, or none"
+    )
+    loss_type: str = _field("dapo", "the loss's normaliser, as TRL's loss_type")
+    num_iterations: int = _field(2, "PPO epochs over each batch, against the rollout's logprobs")
+    lr: float = _field(1e-4, "AdamW learning rate (after the warmup)")
+    warmup_updates: int = _field(
+        10,
+        "optimizer updates over which the learning rate rises linearly to lr (0: none); "
+        "AdamW's first update moves every weight by about lr whatever its gradient, which "
+        "without a warmup makes step 1's kl_to_old ~1.9 against <= 0.002 later",
+    )
+    epsilon_low: float = _field(0.2, "the ratio is clipped below at 1 - epsilon_low")
+    epsilon_high: float = _field(0.2, "the ratio is clipped above at 1 + epsilon_high")
+    kl_beta: float = _field(0.0, "weight of the k3 KL to the warm-started reference model")
+    max_grad_norm: float = _field(1.0, "gradients are clipped to this total norm")
     # OAR (SPEC sections 3-6)
-    oar_mode: str = "answer_joint"
-    reshape_tau: float = 0.25
-    reshape_beta: float = 1.0
-    reshape_floor: float = 0.1
+    oar_mode: str = _field(
+        "answer_joint", "the outcome OAR-G's saliency differentiates (gradient_importance's mode)"
+    )
+    reshape_tau: float = _field(
+        0.25, "Bi-Level reshape: the score quantile below which tokens are damped"
+    )
+    reshape_beta: float = _field(
+        1.0, "Bi-Level reshape: tokens above the quantile weigh up to 1 + beta"
+    )
+    reshape_floor: float = _field(
+        0.1, "Bi-Level reshape: a damped token's least weight (before mass renormalisation)"
+    )
     # task, model, warm start
-    task: str = "addition"  # addition | filler (the addition with `fillers` per step)
-    fillers: int = 24  # filler characters before each column step and "So" (task filler)
-    digits: int = 3
-    hidden_size: int = 128
-    num_layers: int = 2
-    warm_start_accuracy: float = 0.8  # supervised warm start until this (greedy)
-    warm_start_max_steps: int = 600
+    task: str = _field(
+        "addition", "filler: the addition with `fillers` characters before each step"
+    )
+    fillers: int = _field(24, "filler characters before each column step and 'So' (task filler)")
+    digits: int = _field(3, "digits of each operand")
+    hidden_size: int = _field(128, "the policy's width")
+    num_layers: int = _field(2, "the policy's transformer layers")
+    warm_start_accuracy: float = _field(
+        0.8, "supervised warm start until greedy validation accuracy reaches this"
+    )
+    warm_start_max_steps: int = _field(
+        600, "the warm start stops here even below warm_start_accuracy"
+    )
     # bookkeeping
-    eval_size: int = 128  # held-out problems
-    eval_samples: int = 4  # samples per held-out problem for sampled pass@1
-    eval_every: int = 10
-    checkpoint_every: int = 10
-    heatmap_samples: int = 6  # completions whose token weights are kept per eval step
-    device: str = "auto"
-    progress: bool = True
+    eval_size: int = _field(128, "held-out problems (the same for every run)")
+    eval_samples: int = _field(4, "samples per held-out problem for sampled pass@1")
+    eval_every: int = _field(10, "evaluate every this many steps (and at the last)")
+    checkpoint_every: int = _field(10, "save checkpoint.pt every this many steps (and at the last)")
+    heatmap_samples: int = _field(6, "completions whose token weights are kept per eval step")
+    device: str = _field("auto", "where the policy runs (auto: cuda if available)")
+    progress: bool = _field(True, "progress bars")
 
     def __post_init__(self) -> None:
-        for field in fields(self):
-            value = _coerce(field.name, field.type, getattr(self, field.name))
-            setattr(self, field.name, value)
-            _check_value(field.name, value)
+        for knob in fields(self):
+            value = _coerce(knob.name, knob.type, getattr(self, knob.name))
+            setattr(self, knob.name, value)
+            _check_value(knob.name, value)
         if self.hidden_size % (2 * HEADS):
             raise ConfigError(
                 f"hidden_size must be a multiple of {2 * HEADS} ({HEADS} attention heads, each "
@@ -123,17 +164,18 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
-        import yaml
+        """The file's keys (field names or flag names: `out_dir` or `out-dir`), then
+        `overrides`."""
+        return cls.from_dict({**read_yaml(path), **overrides})
 
-        try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as error:
-            raise ConfigError(f"cannot read config file {path}: {error.strerror}") from error
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-        return cls.from_dict({**_yaml_floats(values), **overrides})
+    @classmethod
+    def of_run(cls, out_dir: str | Path, **overrides) -> TrainConfig:
+        """The config the run in `out_dir` was started with (its config.yaml, if any: else
+        the defaults), `overrides` applied, out_dir set to `out_dir`: what `--resume`
+        continues. Whether the checkpoint there fits it is the trainer's check."""
+        path = Path(out_dir) / RUN_CONFIG
+        saved = {**FIELDS_ADDED, **read_yaml(path)} if path.exists() else {}
+        return cls.from_dict({**saved, **overrides, "out_dir": str(out_dir)})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -167,6 +209,7 @@ _RANGES = {
     "num_generations": _Range(2),  # a group: advantages compare completions of one prompt
     "max_new_tokens": _Range(1),
     "num_iterations": _Range(1),
+    "warmup_updates": _Range(0),
     "digits": _Range(1),
     "fillers": _Range(0),
     "hidden_size": _Range(2 * HEADS),
@@ -203,6 +246,41 @@ _CHOICES = {
     "rollout_backend": BACKENDS,
     "device": DEVICES,
 }
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML file of config keys as field names (`out-dir` read as `out_dir`), its float
+    fields' values as numbers; a ConfigError if it cannot be read or is no such mapping."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from error
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    named = {}
+    for key, value in values.items():
+        name = key.replace("-", "_") if isinstance(key, str) else key
+        if name in named:
+            raise ConfigError(f"config file {path} sets {name} twice (as {key!r} too)")
+        named[name] = value
+    return _yaml_floats(named)
+
+
+def choices_of(name: str) -> tuple[str, ...] | None:
+    """The values a field may take, for a field with a fixed set of them."""
+    return _CHOICES.get(name)
+
+
+def flag_help(name: str) -> str:
+    """A field's help text with its range and default, for `--help` (which shows a
+    field's choices as the flag's metavar)."""
+    knob = next(f for f in fields(TrainConfig) if f.name == name)
+    allowed = f"{_RANGES[name]}; " if name in _RANGES else ""
+    return f"{knob.metadata['help']} ({allowed}default {knob.default})"
 
 
 def _yaml_floats(values: dict) -> dict:

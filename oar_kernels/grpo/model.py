@@ -190,11 +190,12 @@ def _supervised_training(model, tokenizer, warm: WarmStart, progress: bool) -> N
     prompts = [prompt_ids(tokenizer, p) for p in validation]
     greedy = HFRollouts(model, tokenizer, max_new_tokens=_solution_budget(warm), temperature=1.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=warm.lr, weight_decay=0.0)
-    accuracy = 0.0
+    accuracy, checked = 0.0, False
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(warm.seed)
-        bar = tqdm(range(1, warm.max_steps + 1), desc="warm start", disable=not progress)
-        for step in bar:
+        # Counts to the cap; when the target stops it earlier, the bar ends at that step.
+        bar = tqdm(total=warm.max_steps, desc="warm start", disable=not progress)
+        for step in range(1, warm.max_steps + 1):
             model.train()
             problems = [
                 make_problem(rng, warm.digits, warm.fillers, filler_rng)
@@ -208,13 +209,24 @@ def _supervised_training(model, tokenizer, warm: WarmStart, progress: bool) -> N
             torch.nn.utils.clip_grad_norm_(model.parameters(), warm.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            bar.update()
             if step >= min(warm.min_steps, warm.max_steps) and step % warm.check_every == 0:
                 texts = greedy.generate(prompts, greedy=True, seed=0).texts
                 accuracy = sum(reward(t, p.answer) for t, p in zip(texts, validation))
                 accuracy /= len(validation)
-                if accuracy >= warm.target_accuracy:
-                    break
-            bar.set_postfix(loss=f"{loss.item():.3f}", accuracy=f"{accuracy:.2f}")
+                checked = True
+            # The accuracy shown is the one the stop rule last saw (greedy, validation set).
+            shown = (
+                f"{accuracy:.2f}" if checked else f"from step {min(warm.min_steps, warm.max_steps)}"
+            )
+            bar.set_postfix(loss=f"{loss.item():.3f}", accuracy=shown)
+            if checked and accuracy >= warm.target_accuracy:
+                bar.total = step  # the bar ends where the warm start did
+                bar.set_description(f"warm start: reached {warm.target_accuracy} target")
+                break
+        else:
+            if warm.max_steps:
+                bar.set_description(f"warm start: step cap, below {warm.target_accuracy} target")
         bar.close()
     model.eval()
 

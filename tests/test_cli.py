@@ -1,0 +1,114 @@
+"""The `oar-kernels` command's surface: help texts, usage errors, YAML keys, the Ctrl-C hints,
+and that `--help` does not import torch. Nothing here trains."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from oar_kernels import cli
+from oar_kernels.grpo.config import ConfigError, TrainConfig, choices_of
+
+
+def help_of(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # unwrapped
+
+
+def test_top_level_help_does_not_import_torch():
+    code = (
+        "import sys\nfrom oar_kernels import cli\ntry:\n    cli.main(['--help'])\n"
+        "except SystemExit:\n    pass\nprint('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "False"
+
+
+def test_every_config_field_has_help_text():
+    for knob in dataclasses.fields(TrainConfig):
+        assert len(knob.metadata.get("help", "")) > 10, knob.name
+
+
+def test_train_help_describes_every_flag_with_its_choices_and_default(capsys):
+    text = help_of(["train"], capsys)
+    for knob in dataclasses.fields(TrainConfig):
+        flag = "--" + knob.name.replace("_", "-")
+        described = " ".join(knob.metadata["help"].split())
+        assert f"{described} (" in text, flag
+        assert f"default {knob.default})" in text, flag
+        if choices_of(knob.name):
+            assert f"{flag} {{{','.join(choices_of(knob.name))}}}" in text
+    assert "--progress, --no-progress" in text
+    assert "(>= 0; default 10)" in text  # warmup_updates' range
+    assert "with the config it was started with" in text  # --resume
+
+
+def test_demo_help_describes_seeds_and_steps(capsys):
+    text = help_of(["demo"], capsys)
+    assert "--seeds SEEDS seeds 0 to N-1 of every method" in text
+    assert "--steps STEPS optimizer steps of every run (default 30)" in text
+
+
+@pytest.mark.parametrize("command", ["train", "demo", "study", "viz", "info"])
+def test_an_unknown_flag_prints_the_commands_usage(command, capsys):
+    argv = [command, "--bogus", "1"] + (["run"] if command == "viz" else [])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: oar-kernels {command} ")
+    assert f"oar-kernels {command}: error: unrecognized arguments: --bogus" in err
+
+
+def test_yaml_keys_may_be_flag_names(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("out-dir: runs/x\nwarmup-updates: 3\nlr: 1e-4\nkl_beta: 0.5\n")
+    config = TrainConfig.from_yaml(path)
+    assert (config.out_dir, config.warmup_updates, config.lr, config.kl_beta) == (
+        "runs/x",
+        3,
+        1e-4,
+        0.5,
+    )
+    path.write_text("out-dir: a\nout_dir: b\n")
+    with pytest.raises(ConfigError, match="sets out_dir twice"):
+        TrainConfig.from_yaml(path)
+    path.write_text("learning-rate: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown config key.*learning_rate"):
+        TrainConfig.from_yaml(path)
+
+
+def test_cli_reads_hyphenated_yaml_keys(tmp_path, capsys, monkeypatch):
+    from oar_kernels.grpo import loop
+
+    seen = {}
+
+    def fake_train(config, **kwargs):
+        seen["config"] = config
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    path = tmp_path / "run.yaml"
+    path.write_text(f"out-dir: {tmp_path / 'x'}\nwarmup-updates: 0\n")
+    assert cli.main(["train", "--config", str(path), "--lr", "2e-4"]) == 130
+    assert seen["config"].out_dir == str(tmp_path / "x")
+    assert (seen["config"].warmup_updates, seen["config"].lr) == (0, 2e-4)
+    err = capsys.readouterr().err
+    assert f"continue with `oar-kernels train --resume --out-dir {tmp_path / 'x'}`" in err
+
+
+def test_the_demo_interrupted_does_not_offer_a_resume_it_lacks(capsys, monkeypatch):
+    from oar_kernels.grpo import demo
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run", interrupted)
+    assert cli.main(["demo", "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert "`oar-kernels demo` starts every run afresh" in err
+    assert "oar-kernels train --resume --out-dir" in err
