@@ -9,6 +9,7 @@ PNGs need matplotlib (`pip install 'oar-kernels[demo]'`); the HTML heatmap needs
 from __future__ import annotations
 
 import html
+import random
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -456,16 +457,9 @@ def with_problems(run: dict, samples: list[dict]) -> list[dict]:
 
 
 def _drawn_problems(config: dict, step: int, rows: int) -> list[task.Problem]:
-    import random
-
-    seed = loop._step_seed(SimpleNamespace(seed=config["seed"]), step)
-    rng = random.Random(seed)
-    problems = [
-        make
-        for make in (
-            task.make_problem(rng, config["digits"]) for _ in range(config["prompts_per_step"])
-        )
-    ]
+    """The problems of a step's first `rows` rollouts, drawn as `Trainer._train_step` does."""
+    rng = random.Random(loop._step_seed(SimpleNamespace(seed=config["seed"]), step))
+    problems = [task.make_problem(rng, config["digits"]) for _ in range(config["prompts_per_step"])]
     group = config["num_generations"]
     return [problems[row // group] for row in range(min(rows, len(problems) * group))]
 
