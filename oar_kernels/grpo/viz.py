@@ -19,7 +19,7 @@ from oar_kernels.grpo.loop import METRICS, SAMPLES, read_jsonl
 
 COLORS = {"grpo": "#4c72b0", "oar-g": "#dd8452", "oar-p": "#55a868"}
 CONFIG = "config.yaml"
-WRAP = 96  # character cells per heatmap.png line
+WRAP = 112  # character cells per heatmap.png line: a plain-task completion fits one
 CELL_INCHES = 0.085  # a cell's width: a 9 pt monospace glyph's (5.4 pt) and a little air
 # The weight colour scale, shared by the HTML and the PNG: (weight, RGB) anchors, linear in
 # between; weight 1 (an unchanged advantage) is white, heavier weights clip at the last.
