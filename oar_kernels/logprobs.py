@@ -659,8 +659,7 @@ def chunk_steps(hidden: torch.Tensor):
 def check_op_args(hidden, weight, targets, bias, temperature) -> None:
     """What the token_logprobs and grpo_loss kernels need, checked in the ops themselves:
     callers of torch.ops.oar.* bypass the public wrappers (target values: check_targets)."""
-    check_lm_head(hidden, weight, targets, bias, hidden_dims=(2,))
-    require_real_in("temperature", temperature, MIN_TEMPERATURE)
+    check_lm_head(hidden, weight, targets, bias, temperature, hidden_dims=(2,))
 
 
 def _token_logprobs_impl(hidden, weight, targets, bias, temperature, return_entropy):
@@ -723,10 +722,11 @@ torch.library.register_autograd(
 # -------------------------------------------------------------------------- public API
 
 
-def check_lm_head(hidden, weight, targets, bias, *, hidden_dims) -> None:
+def check_lm_head(hidden, weight, targets, bias, temperature, *, hidden_dims) -> float:
     """The lm-head arguments of token_logprobs and grpo_loss: hidden [..., H] with a rank in
     `hidden_dims`, weight [V, H] (V >= 1) of hidden's dtype, integer targets shaped like
-    hidden[..., 0], bias [V] or None, all on one device. Target values are checked by the op."""
+    hidden[..., 0], bias [V] or None, all on one device, temperature >= MIN_TEMPERATURE.
+    Returns the temperature as a float. Target values are checked by the op."""
     require_float_tensor("hidden", hidden)
     require_float_tensor("weight", weight)
     require_tensor("targets", targets)
@@ -756,6 +756,7 @@ def check_lm_head(hidden, weight, targets, bias, *, hidden_dims) -> None:
             raise ValueError(f"bias must be [V]=[{weight.shape[0]}], got {tuple(bias.shape)}")
     optional = {"bias": bias} if bias is not None else {}
     require_same_device(hidden=hidden, weight=weight, targets=targets, **optional)
+    return require_real_in("temperature", temperature, MIN_TEMPERATURE)
 
 
 def token_logprobs(
@@ -775,8 +776,7 @@ def token_logprobs(
     entropy of each position's distribution when return_entropy. Differentiable w.r.t.
     hidden, weight and bias.
     """
-    check_lm_head(hidden, weight, targets, bias, hidden_dims=(2, 3))
-    temperature = require_real_in("temperature", temperature, MIN_TEMPERATURE)
+    temperature = check_lm_head(hidden, weight, targets, bias, temperature, hidden_dims=(2, 3))
     return_entropy = require_bool("return_entropy", return_entropy)
     flat_targets = targets.reshape(-1).long()
     logprobs, entropy, _ = torch.ops.oar.token_logprobs(

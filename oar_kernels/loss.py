@@ -23,7 +23,6 @@ from oar_kernels._checks import (
 )
 from oar_kernels._ops import lib
 from oar_kernels.logprobs import (
-    MIN_TEMPERATURE,
     FoldState,
     LmHeadGrads,
     accumulation_dtype,
@@ -49,6 +48,53 @@ class GRPOLoss(NamedTuple):
     mean_kl: torch.Tensor  # [] masked mean of the k3 estimator (0 without ref_logprobs)
     mean_ratio: torch.Tensor  # [] masked mean of pi / pi_old
     logprobs: torch.Tensor  # [B, T] per-token logprobs (no grad), e.g. for logging
+
+
+def grpo_loss_reference(
+    hidden,
+    weight,
+    targets,
+    advantages,
+    mask,
+    *,
+    old_logprobs=None,
+    ref_logprobs=None,
+    bias=None,
+    loss_type="grpo",
+    epsilon_low=0.2,
+    epsilon_high=None,
+    beta=0.0,
+    temperature=1.0,
+):
+    """Float64 transcription of `grpo_loss` on full logits, TRL's formula term by term.
+    Returns (loss [], [clip_fraction, mean_kl, mean_ratio] detached, logprobs [B, T] detached),
+    differentiable w.r.t. hidden, weight and bias when they require grad."""
+    logits = hidden.double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    logps = torch.log_softmax(logits / temperature, -1).gather(-1, targets[..., None])[..., 0]
+    old = logps.detach() if old_logprobs is None else old_logprobs.double()
+    adv = (advantages[:, None] if advantages.dim() == 1 else advantages).double()
+    eps_high = epsilon_low if epsilon_high is None else epsilon_high
+    coef_1 = torch.exp(logps - old)
+    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + eps_high)
+    per_token = -torch.min(coef_1 * adv, coef_2 * adv)
+    kl = torch.zeros_like(per_token)
+    if ref_logprobs is not None:
+        ref = ref_logprobs.double()
+        kl = torch.exp(ref - logps) - (ref - logps) - 1
+        per_token = per_token + beta * kl
+    m = mask.double()
+    if loss_type == "grpo":
+        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    elif loss_type in ("bnpo", "dapo"):
+        loss = (per_token * m).sum() / m.sum().clamp(min=1)
+    else:  # dr_grpo
+        loss = (per_token * m).sum() / (m.shape[0] * m.shape[1])
+    clipped = ((coef_1 < 1 - epsilon_low) & (adv < 0)) | ((coef_1 > 1 + eps_high) & (adv > 0))
+    count = m.sum().clamp(min=1)
+    metrics = [(clipped * m).sum() / count, (kl * m).sum() / count, (coef_1 * m).sum() / count]
+    return loss, [x.detach() for x in metrics], logps.detach()
 
 
 def per_token_terms(logprobs, old_logprobs, ref_logprobs, advantages, eps_low, eps_high, beta):
@@ -79,11 +125,15 @@ def _weighted(weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return torch.where(weight != 0, weight * values, 0.0)
 
 
-def _check_scalars(epsilon_low, epsilon_high, beta):
+def _check_scalars(epsilon_low, epsilon_high, beta, ref_logprobs):
+    """The clip range and the KL weight, as floats; beta > 0 needs ref_logprobs."""
+    beta = require_real_in("beta", beta, 0.0)
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError("beta > 0 needs ref_logprobs")
     return (
         require_real_in("epsilon_low", epsilon_low, 0.0, 1.0),
         require_real_in("epsilon_high", epsilon_high, 0.0),
-        require_real_in("beta", beta, 0.0),
+        beta,
     )
 
 
@@ -177,9 +227,7 @@ def _grpo_loss_impl(
         old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs,
     )
-    _check_scalars(epsilon_low, epsilon_high, beta)
-    if beta > 0 and ref_logprobs is None:
-        raise ValueError("beta > 0 needs ref_logprobs")
+    _check_scalars(epsilon_low, epsilon_high, beta, ref_logprobs)
     acc = accumulation_dtype(hidden.dtype)
     adv, w, m = advantages.to(acc), token_weight.to(acc), metric_weight.to(acc)
     old = None if old_logprobs is None else old_logprobs.to(acc)
@@ -335,7 +383,7 @@ def grpo_loss(
     loss_type: "grpo", "bnpo", "dapo" or "dr_grpo", aggregated as TRL does.
     Returns GRPOLoss; loss.backward() reaches hidden, weight and bias.
     """
-    check_lm_head(hidden, weight, targets, bias, hidden_dims=(3,))
+    temperature = check_lm_head(hidden, weight, targets, bias, temperature, hidden_dims=(3,))
     shape = hidden.shape[:2]
     require_float_tensor("advantages", advantages)
     if advantages.shape not in (shape[:1], shape):
@@ -351,10 +399,7 @@ def grpo_loss(
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
-    epsilon_low, epsilon_high, beta = _check_scalars(epsilon_low, epsilon_high, beta)
-    if beta > 0 and ref_logprobs is None:
-        raise ValueError("beta > 0 needs ref_logprobs")
-    temperature = require_real_in("temperature", temperature, MIN_TEMPERATURE)
+    epsilon_low, epsilon_high, beta = _check_scalars(epsilon_low, epsilon_high, beta, ref_logprobs)
     optional = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs}
     require_same_device(
         hidden=hidden,

@@ -10,7 +10,7 @@ from oar_kernels import reshape
 from oar_kernels._checks import require_finite
 from oar_kernels.importance.batch import require_finite_scores
 from oar_kernels.importance.causal_lm import clean_sequence_logprobs
-from oar_kernels.importance.gradient import GRADIENT_OVERFLOW, run_gradient_importance
+from oar_kernels.importance.gradient import GRADIENT_OVERFLOW, NOISE_STD, run_gradient_importance
 from oar_kernels.importance.perturbation import perturbation_importance
 
 METHODS = ("gradient", "perturbation")
@@ -47,9 +47,10 @@ def oar_advantages(
 
     In answer_joint mode one forward with grad on the input embeddings yields both phi and
     the per-token old logprobs the GRPO step needs anyway, and one input-only backward yields
-    the saliency. noise_std defaults to 0 there (so the old logprobs are exact; SPEC section 5
-    allows it; rows without an answer span then score 0 and keep weight 1) and to 1e-3 in the
-    KL modes, whose clean forward gives the old logprobs.
+    the saliency. noise_std None defaults to 0 there (so the old logprobs are exact; SPEC
+    section 5 allows it; rows without an answer span then score 0 and keep weight 1) and to
+    NOISE_STD (1e-3) in the KL modes, whose clean forward gives the old logprobs. This is the
+    one place that picks the default: the TRL and verl adapters pass None.
     method="perturbation" (OAR-P) needs mask_token_id; its old logprobs come from one extra
     clean forward of the batch.
     advantages: [B] (GRPO's per-sequence advantages) or [B, T]. Other arguments as in
@@ -83,7 +84,7 @@ def oar_advantages(
         old_logprobs = clean_sequence_logprobs(model, input_ids, attention_mask)
     else:
         if noise_std is None:
-            noise_std = 0.0 if mode == "answer_joint" else 1e-3
+            noise_std = 0.0 if mode == "answer_joint" else NOISE_STD
         scores, old_logprobs = run_gradient_importance(
             model,
             input_ids,

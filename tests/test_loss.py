@@ -1,5 +1,6 @@
-"""grpo_loss: the fused loss against the unfused reference (full logits -> log_softmax ->
-TRL's formula), values, metrics and gradients, for every loss_type (SPEC section 7)."""
+"""grpo_loss: the fused loss against the unfused reference (`loss.grpo_loss_reference`: full
+logits -> log_softmax -> TRL's formula), values, metrics and gradients, for every loss_type
+(SPEC section 7)."""
 
 import pytest
 import torch
@@ -19,49 +20,6 @@ TOLERANCE = {
     torch.bfloat16: (5e-2, 5e-3),
     torch.float64: (1e-9, 1e-12),
 }
-
-
-def reference_grpo_loss(
-    hidden,
-    weight,
-    targets,
-    advantages,
-    mask,
-    *,
-    old_logprobs,
-    ref_logprobs,
-    bias,
-    loss_type,
-    epsilon_low,
-    epsilon_high,
-    beta,
-    temperature,
-):
-    """TRL's GRPO loss written out on full logits (float64 when given float64)."""
-    logits = hidden @ weight.T
-    if bias is not None:
-        logits = logits + bias
-    logps = torch.log_softmax(logits / temperature, -1).gather(-1, targets[..., None])[..., 0]
-    old = logps.detach() if old_logprobs is None else old_logprobs
-    adv = advantages[:, None] if advantages.dim() == 1 else advantages
-    coef_1 = torch.exp(logps - old)
-    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
-    per_token = -torch.min(coef_1 * adv, coef_2 * adv)
-    kl = torch.zeros_like(per_token)
-    if ref_logprobs is not None:
-        kl = torch.exp(ref_logprobs - logps) - (ref_logprobs - logps) - 1
-        per_token = per_token + beta * kl
-    m = mask.to(per_token.dtype)
-    if loss_type == "grpo":
-        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
-    elif loss_type in ("bnpo", "dapo"):
-        loss = (per_token * m).sum() / m.sum().clamp(min=1)
-    else:
-        loss = (per_token * m).sum() / (m.shape[0] * m.shape[1])
-    clipped = ((coef_1 < 1 - epsilon_low) & (adv < 0)) | ((coef_1 > 1 + epsilon_high) & (adv > 0))
-    count = m.sum().clamp(min=1)
-    metrics = [(clipped * m).sum() / count, (kl * m).sum() / count, (coef_1 * m).sum() / count]
-    return loss, [x.detach() for x in metrics], logps.detach()
 
 
 def _batch(dtype, device, *, seed=0, rows=3, length=7, width=16, vocab=53, per_token=True):
@@ -142,7 +100,7 @@ def test_matches_unfused_reference(
     cpu64 = lambda t: None if t is None else t.detach().cpu().double()  # noqa: E731
     ref_kwargs = {k: cpu64(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     ref_kwargs["epsilon_high"] = 0.28
-    loss, metrics, logps = reference_grpo_loss(
+    loss, metrics, logps = loss_module.grpo_loss_reference(
         *ref_leaves,
         b["targets"].cpu(),
         cpu64(b["advantages"]),

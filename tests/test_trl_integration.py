@@ -153,3 +153,16 @@ def test_refuses_options_without_per_token_advantages(trainer_parts, option, val
         trainer_parts["args"].importance_sampling_level = "sequence"
     with pytest.raises(ValueError, match=message):
         OARGRPOTrainer(**trainer_parts)
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ({"oar_method": "saliency"}, "oar_method"),
+        ({"oar_mode": "first"}, "oar_mode"),
+        ({"oar_reshape": {"noise_std": 0.1}}, "oar_reshape"),
+    ],
+)
+def test_refuses_unknown_oar_options(trainer_parts, option, message):
+    with pytest.raises(ValueError, match=message):
+        OARGRPOTrainer(**trainer_parts, **option)

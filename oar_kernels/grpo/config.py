@@ -9,6 +9,8 @@ from pathlib import Path
 
 from oar_kernels.grpo.model import ModelSpec
 from oar_kernels.grpo.rollout import BACKENDS
+from oar_kernels.importance.batch import MODES as OAR_MODES
+from oar_kernels.loss import LOSS_TYPES
 from oar_kernels.reshape import MAX_BETA
 
 # OAR methods and their controls: "-shuffled" permutes each row's OAR weights at random
@@ -19,8 +21,6 @@ CONTROLS = ("shuffled", "inverted")
 METHODS = ("grpo", *IMPORTANCE, *(f"{m}-{c}" for m in IMPORTANCE for c in CONTROLS))
 TASKS = ("addition", "filler")
 SCALE_REWARDS = ("group", "batch", "none")
-LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
-OAR_MODES = ("answer_joint", "answer_mean", "last")
 DEVICES = ("auto", "cpu", "cuda")
 HEADS = ModelSpec.num_heads
 RUN_CONFIG = "config.yaml"  # a run's config, in its out_dir

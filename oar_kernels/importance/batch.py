@@ -15,6 +15,13 @@ from oar_kernels.importance.causal_lm import require_causal_lm, vocab_size
 MODES = ("answer_joint", "answer_mean", "last")
 
 
+def require_mode(name: str, mode) -> str:
+    """An outcome functional (SPEC section 3): one of MODES, else ValueError naming `name`."""
+    if mode not in MODES:
+        raise ValueError(f"{name} must be one of {MODES}, got {mode!r}")
+    return mode
+
+
 class PendingChecks:
     """Value checks computed on the device, not yet read: messages and their flags
     ([len(messages)] bool, True where violated)."""
@@ -97,8 +104,7 @@ def check_batch(model, input_ids, attention_mask, score_mask, answer_mask, mode)
         answer_mask=answer_mask,
         model=model.get_input_embeddings().weight,
     )
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    require_mode("mode", mode)
     masks = (attention_mask, score_mask, answer_mask)
     return masks, _span_violations(model, input_ids, *masks)
 

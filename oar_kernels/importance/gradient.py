@@ -140,9 +140,10 @@ CUDA_BACKEND = "triton" if triton is not None else "torch (triton not installed)
 
 # ------------------------------------------------------------------ the OAR-G pass
 
-# The noise probes the embeddings' neighbourhood (1e-3 by default); beyond the embeddings'
-# own scale it measures another input, and large values overflow the model's norms into
-# all-zero scores.
+# The noise probes the embeddings' neighbourhood (SPEC section 5's sigma, NOISE_STD by
+# default); beyond the embeddings' own scale it measures another input, and large values
+# overflow the model's norms into all-zero scores.
+NOISE_STD = 1e-3
 MAX_NOISE_STD = 1.0
 
 
@@ -416,7 +417,7 @@ def gradient_importance(
     answer_mask: torch.Tensor | None = None,
     *,
     mode: str = "answer_joint",
-    noise_std: float = 1e-3,
+    noise_std: float = NOISE_STD,
     generator: torch.Generator | None = None,
     max_batch_tokens: int | None = None,
     _noise: torch.Tensor | None = None,

@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 from trl import GRPOTrainer
 
-from oar_kernels import reshape, spans
-from oar_kernels.importance import gradient_importance, perturbation_importance
-from oar_kernels.pipeline import weight_statistics
+from oar_kernels import pipeline, spans
+from oar_kernels.importance.batch import require_mode
 
-METHODS = ("gradient", "perturbation")
+# The Bi-Level reshape's keywords of `pipeline.oar_advantages` (SPEC section 6).
+RESHAPE_KEYS = ("tau", "beta", "floor", "preserve_mass")
 
 
 class OARGRPOTrainer(GRPOTrainer):
@@ -40,8 +40,12 @@ class OARGRPOTrainer(GRPOTrainer):
         oar_reshape: dict | None = None,
         **kwargs,
     ):
-        if oar_method not in METHODS:
-            raise ValueError(f"oar_method must be one of {METHODS}, got {oar_method!r}")
+        if oar_method not in pipeline.METHODS:
+            raise ValueError(f"oar_method must be one of {pipeline.METHODS}, got {oar_method!r}")
+        require_mode("oar_mode", oar_mode)
+        unknown = sorted(set(oar_reshape or {}) - set(RESHAPE_KEYS))
+        if unknown:
+            raise ValueError(f"oar_reshape keys must come from {RESHAPE_KEYS}, got {unknown}")
         super().__init__(*args, **kwargs)
         # Options whose losses cannot take per-token advantages.
         if self.args.use_liger_kernel:
@@ -57,31 +61,6 @@ class OARGRPOTrainer(GRPOTrainer):
         self.oar_method, self.oar_mode, self.answer_format = oar_method, oar_mode, answer_format
         self.oar_reshape = dict(oar_reshape or {})
 
-    def _importance(self, input_ids, attention_mask, score_mask, answer_mask):
-        model = self.accelerator.unwrap_model(self.model)
-        if self.oar_method == "perturbation":
-            mask_id = self.processing_class.pad_token_id
-            return perturbation_importance(
-                model,
-                input_ids,
-                attention_mask,
-                score_mask,
-                answer_mask,
-                mode=self.oar_mode,
-                mask_token_id=mask_id,
-            )
-        # Without noise the joint objective is deterministic (SPEC section 5 allows it).
-        noise = 0.0 if self.oar_mode == "answer_joint" else 1e-3
-        return gradient_importance(
-            model,
-            input_ids,
-            attention_mask,
-            score_mask,
-            answer_mask,
-            mode=self.oar_mode,
-            noise_std=noise,
-        )
-
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
         prompt_mask, completion_mask = output["prompt_mask"], output["completion_mask"]
@@ -94,16 +73,26 @@ class OARGRPOTrainer(GRPOTrainer):
             completion.cpu(),
             answer_format=self.answer_format,
         )
-        score_mask, answer_mask = score_mask.to(input_ids.device), answer_mask.to(input_ids.device)
-        scores = self._importance(input_ids, attention_mask, score_mask, answer_mask)
-        weights = reshape.bilevel_weights(scores, score_mask, **self.oar_reshape)
-        per_token = reshape.weigh_advantages(output["advantages"], weights)
-        output["advantages"] = per_token[:, prompt_mask.shape[1] :]
-        self._log_weights(weights[:, prompt_mask.shape[1] :], score_mask[:, prompt_mask.shape[1] :])
+        perturbation = self.oar_method == "perturbation"
+        oar = pipeline.oar_advantages(
+            self.accelerator.unwrap_model(self.model),
+            input_ids,
+            attention_mask,
+            score_mask.to(input_ids.device),
+            answer_mask.to(input_ids.device),
+            output["advantages"],
+            method=self.oar_method,
+            mode=self.oar_mode,
+            mask_token_id=self.processing_class.pad_token_id if perturbation else None,
+            **self.oar_reshape,
+        )
+        prompt_width = prompt_mask.shape[1]
+        output["advantages"] = oar.advantages[:, prompt_width:]
+        self._log_weights(oar.weights[:, prompt_width:], score_mask[:, prompt_width:])
         return output
 
     def _log_weights(self, weights, score_mask):
         """Share of the advantage mass on each row's top-10% tokens, and the weight spread."""
         mode = "train" if self.model.training else "eval"
-        for name, value in weight_statistics(weights, score_mask).items():
+        for name, value in pipeline.weight_statistics(weights, score_mask).items():
             self._metrics[mode][f"oar/{name}"].append(value)
