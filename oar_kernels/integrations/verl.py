@@ -184,6 +184,41 @@ def compute_oar_advantage(data, config=None):
     return data
 
 
+def install_advantage_step() -> None:
+    """Makes verl's trainer advantage step pass `oar_weights` to `oar_grpo` (idempotent).
+
+    `RayPPOTrainer.fit` calls the module function `verl.trainer.ppo.ray_trainer.compute_advantage`,
+    which hands an estimator its fixed fields only; this replaces it, in the calling process (the
+    driver, where fit runs), by one that sends `oar_grpo` to `compute_oar_advantage` and every
+    other estimator to verl's own.
+    """
+    import inspect
+
+    try:
+        from verl.trainer.ppo import ray_trainer
+    except ImportError as error:
+        raise ImportError(INSTALL_HINT) from error
+    verl_step = ray_trainer.compute_advantage
+    if getattr(verl_step, "oar_routed", False):
+        return
+    signature = inspect.signature(verl_step)
+
+    def compute_advantage(*args, **kwargs):
+        call = signature.bind(*args, **kwargs)
+        call.apply_defaults()
+        given = call.arguments
+        if given["adv_estimator"] != NAME:
+            return verl_step(*args, **kwargs)
+        config = given["config"]
+        if config is None:
+            config = {"norm_adv_by_std_in_grpo": given["norm_adv_by_std_in_grpo"]}
+        return compute_oar_advantage(given["data"], config)
+
+    compute_advantage.oar_routed = True
+    compute_advantage.__doc__ = verl_step.__doc__
+    ray_trainer.compute_advantage = compute_advantage
+
+
 def _core_algos():
     try:
         from verl.trainer.ppo import core_algos
