@@ -17,6 +17,7 @@ import torch
 from oar_kernels import logprobs
 from oar_kernels._checks import (
     require_float_tensor,
+    require_int,
     require_mask,
     require_real_in,
     require_same_device,
@@ -65,6 +66,8 @@ def grpo_loss_reference(
     epsilon_high=None,
     beta=0.0,
     temperature=1.0,
+    max_completion_length=None,
+    num_items_in_batch=None,
 ):
     """Float64 transcription of `grpo_loss` on full logits, TRL's formula term by term.
     Returns (loss [], [clip_fraction, mean_kl, mean_ratio] detached, logprobs [B, T] detached),
@@ -87,10 +90,13 @@ def grpo_loss_reference(
     m = mask.double()
     if loss_type == "grpo":
         loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
-    elif loss_type in ("bnpo", "dapo"):
+    elif loss_type == "bnpo" or (loss_type == "dapo" and num_items_in_batch is None):
         loss = (per_token * m).sum() / m.sum().clamp(min=1)
+    elif loss_type == "dapo":
+        loss = (per_token * m).sum() / num_items_in_batch
     else:  # dr_grpo
-        loss = (per_token * m).sum() / (m.shape[0] * m.shape[1])
+        length = m.shape[1] if max_completion_length is None else max_completion_length
+        loss = (per_token * m).sum() / (m.shape[0] * length)
     clipped = ((coef_1 < 1 - epsilon_low) & (adv < 0)) | ((coef_1 > 1 + eps_high) & (adv > 0))
     count = m.sum().clamp(min=1)
     metrics = [(clipped * m).sum() / count, (kl * m).sum() / count, (coef_1 * m).sum() / count]
@@ -347,14 +353,49 @@ def _scaled_gradients(ctx, grad_hidden, grad_weight, grad_bias):
 torch.library.register_autograd("oar::grpo_loss", _backward, setup_context=_setup_context)
 
 
-def _aggregation_weights(mask: torch.Tensor, loss_type: str) -> torch.Tensor:
-    """[B, T] weights that turn per-token losses into the loss_type's scalar (TRL's names)."""
+def _aggregation_weights(mask, loss_type, max_completion_length, num_items_in_batch):
+    """[B, T] weights that turn per-token losses into the loss_type's scalar (TRL's names;
+    the normalisers are checked by `_check_normalisers`)."""
     rows, length = mask.shape
     if loss_type == "grpo":  # mean over each sequence's tokens, then over sequences
         return mask / (mask.sum(dim=1, keepdim=True).clamp(min=1) * rows)
-    if loss_type in ("bnpo", "dapo"):  # sum over tokens / token count
+    if loss_type == "dapo" and num_items_in_batch is not None:  # sum / tokens of the step
+        return mask / num_items_in_batch
+    if loss_type in ("bnpo", "dapo"):  # sum over tokens / this batch's token count
         return mask / mask.sum().clamp(min=1)
-    return mask / (rows * length)  # dr_grpo: sum / (B * max_len)
+    # dr_grpo: sum / (B * max_len), max_len the generation budget when given
+    return mask / (rows * (length if max_completion_length is None else max_completion_length))
+
+
+def _check_normalisers(loss_type, max_completion_length, num_items_in_batch, hidden):
+    """max_completion_length goes with dr_grpo (an int >= the batch's T), num_items_in_batch
+    with dapo (a number > 0, or a 0-dim real tensor on hidden's device, not read: no host
+    sync). Returns them, the int as an int."""
+    if max_completion_length is not None:
+        if loss_type != "dr_grpo":
+            raise ValueError(
+                f"max_completion_length normalises loss_type 'dr_grpo' only, got {loss_type!r}"
+            )
+        max_completion_length = require_int(
+            "max_completion_length", max_completion_length, hidden.shape[1]
+        )
+    if num_items_in_batch is None:
+        return max_completion_length, None
+    if loss_type != "dapo":
+        raise ValueError(f"num_items_in_batch normalises loss_type 'dapo' only, got {loss_type!r}")
+    if isinstance(num_items_in_batch, torch.Tensor):
+        tensor = num_items_in_batch
+        if tensor.dim() != 0 or tensor.dtype == torch.bool or tensor.is_complex():
+            raise TypeError(
+                f"num_items_in_batch must be a number or a 0-dim real tensor, got "
+                f"{tensor.dtype} of shape {tuple(tensor.shape)}"
+            )
+        require_same_device(hidden=hidden, num_items_in_batch=tensor)
+        return max_completion_length, tensor
+    count = require_real_in("num_items_in_batch", num_items_in_batch, 0.0)
+    if count == 0:
+        raise ValueError("num_items_in_batch must be > 0, got 0")
+    return max_completion_length, count
 
 
 def grpo_loss(
@@ -372,6 +413,8 @@ def grpo_loss(
     epsilon_high: float | None = None,
     beta: float = 0.0,
     temperature: float = 1.0,
+    max_completion_length: int | None = None,
+    num_items_in_batch: float | torch.Tensor | None = None,
 ) -> GRPOLoss:
     """Clipped GRPO surrogate (+ beta * k3 KL) straight from hidden states (SPEC section 7).
 
@@ -380,7 +423,21 @@ def grpo_loss(
     mask: [B, T] bool/int, the completion tokens that count.
     old_logprobs: [B, T] from the rollout policy (None: on-policy, ratio 1);
     ref_logprobs: [B, T] from the reference model, needed when beta > 0.
-    loss_type: "grpo", "bnpo", "dapo" or "dr_grpo", aggregated as TRL does.
+    loss_type: how the per-token losses l [B, T] become the scalar (m = mask, TRL 1.16's
+    names and normalisers):
+      grpo     mean over the B rows of sum_t m l / max(sum_t m, 1) (a row without tokens is 0);
+      bnpo     sum m l / max(sum m, 1), this batch's token count;
+      dapo     sum m l / num_items_in_batch (None: as bnpo);
+      dr_grpo  sum m l / (B * max_completion_length) (None: the batch's T).
+    max_completion_length: dr_grpo's length, the generation budget (an int >= T).
+    num_items_in_batch: dapo's divisor, a number > 0 or a 0-dim tensor (not read). Under
+    gradient accumulation and data-parallel gradient averaging, pass the token count of the
+    optimizer step over all micro-batches and processes divided by the number of processes
+    (what TRL's GRPOTrainer divides by): the averaged gradient is then that of the sum over
+    every token of the step / its token count.
+    Nothing is divided by the accumulation steps: TRL divides grpo, bnpo and dr_grpo losses
+    by them outside this function (`OARGRPOTrainer` does the same). The metrics are masked
+    means over this batch's tokens.
     Returns GRPOLoss; loss.backward() reaches hidden, weight and bias.
     """
     temperature = check_lm_head(hidden, weight, targets, bias, temperature, hidden_dims=(3,))
@@ -400,6 +457,9 @@ def grpo_loss(
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
     epsilon_low, epsilon_high, beta = _check_scalars(epsilon_low, epsilon_high, beta, ref_logprobs)
+    max_completion_length, num_items_in_batch = _check_normalisers(
+        loss_type, max_completion_length, num_items_in_batch, hidden
+    )
     optional = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs}
     require_same_device(
         hidden=hidden,
@@ -419,7 +479,7 @@ def grpo_loss(
         weight,
         targets.reshape(-1).long(),
         flat(per_token_adv),
-        flat(_aggregation_weights(weights, loss_type)),
+        flat(_aggregation_weights(weights, loss_type, max_completion_length, num_items_in_batch)),
         flat(weights / weights.sum().clamp(min=1)),
         flat(old_logprobs),
         flat(ref_logprobs),

@@ -175,19 +175,63 @@ def test_on_policy_ratio_is_one_and_gradient_is_minus_advantage():
     assert out.loss.item() == pytest.approx((-(m * b["advantages"]).sum() / m.sum()).item())
 
 
-def test_compile_fullgraph_and_opcheck():
+# TRL's normalisers (dr_grpo's generation budget, dapo's token count of the step).
+NORMALISERS = {
+    "batch": {},
+    "dr_grpo-budget": {"loss_type": "dr_grpo", "max_completion_length": 12},
+    "dapo-count": {"loss_type": "dapo", "num_items_in_batch": 40},
+    "dapo-tensor": {"loss_type": "dapo", "num_items_in_batch": torch.tensor(17.5)},
+}
+
+
+@pytest.mark.parametrize("walk", WALKS)
+@pytest.mark.parametrize("normaliser", list(NORMALISERS)[1:])
+def test_trl_normalisers_match_the_reference(normaliser, walk, monkeypatch):
+    monkeypatch.setattr(loss_module, "WALK", walk)
+    b = _batch(torch.float64, "cpu")
+    kwargs = dict(
+        old_logprobs=b["old"], ref_logprobs=b["ref"], beta=0.05, **NORMALISERS[normaliser]
+    )
+    leaves = [b["hidden"].clone().requires_grad_(), b["weight"].clone().requires_grad_()]
+    args = (b["targets"], b["advantages"], b["mask"])
+    got = ok.grpo_loss(*leaves, *args, **kwargs)
+    got_grads = _grads(got.loss, leaves)
+    ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    want, _, _ = loss_module.grpo_loss_reference(*ref_leaves, *args, **kwargs)
+    want_grads = _grads(want, ref_leaves)
+    assert_verbose_allclose(got.loss, want, rtol=1e-9, atol=1e-12, name=f"{normaliser} loss")
+    for label, g, w in zip(("d hidden", "d weight"), got_grads, want_grads):
+        assert_verbose_allclose(g, w, rtol=1e-9, atol=1e-12, name=f"{normaliser} {label}")
+    # The normaliser is what it says: the same masked sum over another count.
+    plain = {k: v for k, v in kwargs.items() if k not in NORMALISERS[normaliser]}
+    default = ok.grpo_loss(*leaves, *args, loss_type=kwargs["loss_type"], **plain)
+    mask = b["mask"].double()
+    if kwargs["loss_type"] == "dr_grpo":
+        counts = (mask.shape[1], kwargs["max_completion_length"])
+    else:
+        counts = (mask.sum(), kwargs["num_items_in_batch"])
+    assert_verbose_allclose(
+        got.loss * counts[1], default.loss * counts[0], rtol=1e-12, atol=1e-12, name="sum"
+    )
+
+
+@pytest.mark.parametrize("normaliser", NORMALISERS)
+def test_compile_fullgraph_and_opcheck(normaliser):
     b = _batch(torch.float32, "cpu")
     hidden, weight = b["hidden"].requires_grad_(), b["weight"].requires_grad_()
+    normalise = NORMALISERS[normaliser]
     torch._dynamo.reset()
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def step(h, w):
-        out = ok.grpo_loss(h, w, b["targets"], b["advantages"], b["mask"], old_logprobs=b["old"])
+        out = ok.grpo_loss(
+            h, w, b["targets"], b["advantages"], b["mask"], old_logprobs=b["old"], **normalise
+        )
         return out.loss, out.clip_fraction
 
     loss, clip = step(hidden, weight)
     eager = ok.grpo_loss(
-        hidden, weight, b["targets"], b["advantages"], b["mask"], old_logprobs=b["old"]
+        hidden, weight, b["targets"], b["advantages"], b["mask"], old_logprobs=b["old"], **normalise
     )
     assert torch.allclose(loss, eager.loss) and torch.allclose(clip, eager.clip_fraction)
     for got, want in zip(
@@ -196,7 +240,16 @@ def test_compile_fullgraph_and_opcheck():
     ):
         assert torch.allclose(got, want, atol=1e-6)
     n = b["targets"].numel()
-    flat_w = torch.full((n,), 1.0 / n)
+    # The op takes the normalisers as per-token weights: those grpo_loss builds, here for a
+    # full mask (opcheck's dynamic-shape AOT check also fails for the committed op when some
+    # token weights are 0, normaliser or not; the compiled step above covers padding).
+    mask = torch.ones_like(b["mask"], dtype=torch.float32)
+    token_weight = loss_module._aggregation_weights(
+        mask,
+        normalise.get("loss_type", "grpo"),
+        normalise.get("max_completion_length"),
+        normalise.get("num_items_in_batch"),
+    )
     torch.library.opcheck(
         torch.ops.oar.grpo_loss.default,
         (
@@ -204,8 +257,8 @@ def test_compile_fullgraph_and_opcheck():
             weight,
             b["targets"].reshape(-1),
             b["advantages"].reshape(-1),
-            flat_w,
-            flat_w,
+            token_weight.reshape(-1),
+            (mask / mask.sum()).reshape(-1),
             b["old"].reshape(-1),
             None,
             None,
@@ -235,6 +288,38 @@ def _bad_calls():
         ("eps-neg", lambda: call(epsilon_low=-0.1), ValueError, "epsilon_low"),
         ("targets-range", lambda: call(targets=t + 100), ValueError, r"\[0, 53\)"),
         ("targets-float", lambda: call(targets=t.float()), TypeError, "targets"),
+        ("budget-not-dr", lambda: call(max_completion_length=12), ValueError, "dr_grpo"),
+        (
+            "budget-short",
+            lambda: call(loss_type="dr_grpo", max_completion_length=6),
+            ValueError,
+            "max_completion_length",
+        ),
+        (
+            "budget-float",
+            lambda: call(loss_type="dr_grpo", max_completion_length=12.0),
+            TypeError,
+            "max_completion_length",
+        ),
+        ("count-not-dapo", lambda: call(num_items_in_batch=10), ValueError, "'dapo' only"),
+        (
+            "count-zero",
+            lambda: call(loss_type="dapo", num_items_in_batch=0),
+            ValueError,
+            "num_items_in_batch",
+        ),
+        (
+            "count-vector",
+            lambda: call(loss_type="dapo", num_items_in_batch=torch.ones(2)),
+            TypeError,
+            "num_items_in_batch",
+        ),
+        (
+            "count-text",
+            lambda: call(loss_type="dapo", num_items_in_batch="10"),
+            TypeError,
+            "num_items_in_batch",
+        ),
     ]
 
 
