@@ -360,3 +360,46 @@ def _package_old_log_probs(policy, rows, response_mask):
             input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp_min(0)
         ).logits
     return logits[:, width_p - 1 : -1].log_softmax(-1).gather(-1, ids[:, width_p:, None])[..., 0]
+
+
+def _advantage_batch():
+    """A verl batch after the reward step: two groups of two, weights that are not all 1."""
+    from verl import DataProto
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    rewards = torch.zeros(4, 4)
+    rewards[torch.arange(4), mask.sum(1) - 1] = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    tensors = {
+        "token_level_rewards": rewards,
+        "response_mask": mask,
+        "oar_weights": torch.linspace(0.5, 1.5, 16).reshape(4, 4),
+    }
+    return DataProto.from_dict(tensors, non_tensors={"uid": np.array(list("aabb"), dtype=object)})
+
+
+def test_stock_advantage_step_refuses_oar_grpo_and_the_routed_one_passes_the_weights(monkeypatch):
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo import ray_trainer
+
+    config = OmegaConf.create({"adv_estimator": "oar_grpo", "norm_adv_by_std_in_grpo": True})
+    stock = ray_trainer.compute_advantage
+    # verl's own advantage step hands an estimator fixed fields only: no weights, a clear error.
+    with pytest.raises(ValueError, match="install_advantage_step|add_oar_weights"):
+        stock(_advantage_batch(), adv_estimator="oar_grpo", config=config)
+
+    monkeypatch.setattr(ray_trainer, "compute_advantage", stock)
+    plugin.install_advantage_step()
+    plugin.install_advantage_step()  # idempotent: one wrapper, not two
+    routed = ray_trainer.compute_advantage
+    assert routed is not stock and routed.oar_routed
+    data = _advantage_batch()
+    grpo = stock(_advantage_batch(), adv_estimator="grpo", config=config).batch["advantages"]
+    got = routed(data, adv_estimator="oar_grpo", config=config).batch["advantages"]
+    torch.testing.assert_close(got, grpo * data.batch["oar_weights"] * data.batch["response_mask"])
+    # Every other estimator is verl's, unchanged; no config: norm_adv_by_std_in_grpo is used.
+    torch.testing.assert_close(routed(_advantage_batch(), "grpo").batch["advantages"], grpo)
+    unnormed = stock(_advantage_batch(), "grpo", norm_adv_by_std_in_grpo=False).batch["advantages"]
+    got = routed(_advantage_batch(), "oar_grpo", norm_adv_by_std_in_grpo=False).batch["advantages"]
+    torch.testing.assert_close(
+        got, unnormed * data.batch["oar_weights"] * data.batch["response_mask"]
+    )

@@ -157,7 +157,8 @@ def compute_oar_grpo_advantage(
     if oar_weights is None:
         raise ValueError(
             "oar_grpo needs oar_weights [B, R] from the actor step (add_oar_weights); "
-            "verl's compute_advantage does not pass them: call compute_oar_advantage(data, config)"
+            "verl's compute_advantage does not pass them: call install_advantage_step() in the "
+            "trainer's process, or compute_oar_advantage(data, config)"
         )
     core_algos = _core_algos()
     norm = True if config is None else config.get("norm_adv_by_std_in_grpo", True)
