@@ -405,3 +405,58 @@ def test_a_failed_start_releases_the_lock(tmp_path):
     with pytest.raises(ConfigError, match="already holds a run"):
         Trainer(tiny(tmp_path))
     Trainer(tiny(tmp_path), resume=True).close()
+
+
+def test_the_learning_rate_warms_up_linearly_over_warmup_updates():
+    lrs = [loop._warmed_lr(tiny("x", lr=1e-3, warmup_updates=4), u) for u in range(6)]
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3], rel=1e-12)
+    assert loop._warmed_lr(tiny("x", lr=1e-3, warmup_updates=0), 0) == 1e-3
+
+
+def test_the_first_update_starts_at_ratio_one_from_the_policys_own_logprobs(tmp_path, monkeypatch):
+    """Step 1's first forward is the rollout policy's: its logprobs are the model's own
+    (checked against a plain forward of the whole model), grpo_loss gets no old logprobs (so
+    its ratio is exactly 1), and the second update's old logprobs are exactly those."""
+    trainer = Trainer(tiny(tmp_path, steps=1, num_iterations=2))
+    calls = []
+    real_loss = loop.grpo_loss
+
+    def recording(hidden, weight, targets, advantages, mask, **kwargs):
+        result = real_loss(hidden, weight, targets, advantages, mask, **kwargs)
+        plain = None
+        if not calls:  # before any update: the model as it sampled the rollouts
+            with torch.no_grad():
+                logits = trainer.model(input_ids=batch["input_ids"], **forward).logits
+            plain = logits[:, :-1].float().log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+        calls.append((kwargs["old_logprobs"], result.logprobs.detach(), mask.bool(), plain))
+        return result
+
+    real_batch = trainer._batch
+
+    def keep_batch(rollouts):
+        batch.update(real_batch(rollouts))
+        attention = batch["attention_mask"].long()
+        forward.update(attention_mask=attention, position_ids=loop.position_ids_from(attention))
+        return batch
+
+    batch, forward = {}, {}
+    monkeypatch.setattr(loop, "grpo_loss", recording)
+    monkeypatch.setattr(trainer, "_batch", keep_batch)
+    trainer.run()
+    (first_old, first, mask, plain), (second_old, second, _, _) = calls
+    assert first_old is None
+    assert torch.equal(second_old, first)
+    torch.testing.assert_close(first[mask], plain[mask], rtol=0, atol=1e-5)
+    assert not torch.equal(second[mask], first[mask]), "the first update changed nothing"
+
+
+def test_the_warmup_keeps_step_ones_kl_to_old_small(tmp_path):
+    """Without a warmup AdamW's first update moves every weight by about lr, so the second
+    update of step 1 starts far from the rollout policy; with it, as close as later steps."""
+    kl = {}
+    for warmup in (0, 10):
+        out = tmp_path / f"warmup-{warmup}"
+        train(tiny(out, steps=2, lr=1e-3, warmup_updates=warmup))
+        kl[warmup] = [r["kl_to_old"] for r in read_jsonl(out / METRICS)[1:]]
+    assert kl[0][0] > 20 * kl[10][0], kl
+    assert kl[10][0] < 0.01, kl

@@ -6,7 +6,8 @@ One step (`_train_step`):
   3. per-token advantages: GRPO broadcasts A_i; OAR-G / OAR-P weigh it by token importance
      (`oar_kernels.oar_advantages`), with spans from `oar_kernels.spans`;
   4. `num_iterations` PPO updates with `oar_kernels.grpo_loss` straight from hidden states;
-     the first one's logprobs (same weights as the rollout) are the old logprobs.
+     the first one's logprobs (same weights as the rollout) are the old logprobs. The
+     learning rate rises linearly over the first `warmup_updates` updates (`_warmed_lr`).
 
 Every random draw of step k is seeded from (seed, k), and checkpoints hold the model and
 optimizer, so a resumed run continues bit-identically on CPU.
@@ -36,10 +37,9 @@ from statistics import fmean
 
 import torch
 
-import oar_kernels as ok
 from oar_kernels.grpo import faithfulness
 from oar_kernels.grpo import model as policy
-from oar_kernels.grpo.config import ConfigError, TrainConfig
+from oar_kernels.grpo.config import FIELDS_ADDED, ConfigError, TrainConfig
 from oar_kernels.grpo.controls import permute_weights
 from oar_kernels.grpo.rollout import Rollouts, make_rollouts, vllm_unavailable
 from oar_kernels.grpo.task import (
@@ -55,7 +55,9 @@ from oar_kernels.importance.causal_lm import (
     lm_head_parameters,
     position_ids_from,
 )
-from oar_kernels.pipeline import weight_statistics
+from oar_kernels.loss import grpo_loss
+from oar_kernels.pipeline import oar_advantages, weight_statistics
+from oar_kernels.spans import completion_spans
 
 HELD_OUT_SEED = 1_000_003  # the held-out problems are the same for every run
 CHECKPOINT = "checkpoint.pt"
@@ -229,18 +231,24 @@ class Trainer:
         self.finished = self._state()
 
     # -- evaluation ------------------------------------------------------------------------
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, bar=None) -> dict[str, float]:
         """Held-out accuracy: `eval_accuracy` is pass@1 over `eval_samples` samples per
         problem at the training temperature (fixed seed), `eval_greedy` greedy decoding.
 
         Sampled pass@1 is the headline: it is what GRPO optimises, and a warm start that is
         right greedily on 90% of problems is right on about half of its samples, so the
         sampled number has room to rise where the greedy one has little.
+
+        `bar`, a tqdm bar if given, counts the completions generated.
         """
         k = self.config.eval_samples
         greedy = self.rollouts.generate(self.held_out_prompts, greedy=True, seed=0)
+        if bar is not None:
+            bar.update(len(self.held_out_prompts))
         repeated = [p for p in self.held_out_prompts for _ in range(k)]
         sampled = self.rollouts.generate(repeated, seed=HELD_OUT_SEED)
+        if bar is not None:
+            bar.update(len(repeated))
         answers = [p.answer for p in self.held_out]
         samples_of = [a for a in answers for _ in range(k)]
         return {
@@ -259,7 +267,7 @@ class Trainer:
         except KeyboardInterrupt:
             if self.finished is not None:
                 path = self.save_checkpoint()
-                print(f"\ninterrupted: saved step {self.step} to {path}; continue with --resume")
+                print(f"\ninterrupted: saved step {self.step} to {path}")
             raise
         finally:
             self.close()
@@ -278,7 +286,13 @@ class Trainer:
 
         config = self.config
         if self.finished is None:  # a fresh run: step 0 is the warm start's evaluation
-            self._finish_step(0, self.evaluate())
+            with tqdm(
+                total=config.eval_size * (1 + config.eval_samples),
+                desc=f"{config.method} seed {config.seed}: step 0, evaluating the warm start",
+                unit="completion",
+                disable=not config.progress,
+            ) as bar:
+                self._finish_step(0, self.evaluate(bar))
         bar = tqdm(
             range(self.step + 1, config.steps + 1),
             desc=f"{config.method} seed {config.seed}",
@@ -327,7 +341,7 @@ class Trainer:
         batch = self._batch(rollouts)
         per_token, weights = self._token_advantages(batch, advantages.to(self.device), seed)
         weighed = time.perf_counter()
-        update = self._update(batch, per_token)
+        update = self._update(batch, per_token, step)
         self.rollouts.sync_weights()
         done = time.perf_counter()
         # The problems are drawn without fillers: their solutions are the references.
@@ -379,7 +393,7 @@ class Trainer:
         return None if index is None else cols[index]
 
     def _batch(self, rollouts: Rollouts) -> dict:
-        score_mask, answer_mask = ok.spans.completion_spans(
+        score_mask, answer_mask = completion_spans(
             self.tokenizer, rollouts.input_ids, rollouts.completion_mask, answer_format="boxed"
         )
         tensors = {
@@ -397,7 +411,7 @@ class Trainer:
         if config.method == "grpo":
             return advantages[:, None].expand(batch["input_ids"].shape), None
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        result = ok.oar_advantages(
+        result = oar_advantages(
             self.model,
             batch["input_ids"],
             batch["attention_mask"],
@@ -418,7 +432,8 @@ class Trainer:
         weights = permute_weights(result.weights, batch["score_mask"], config.control, shuffles)
         return advantages[:, None] * weights, weights
 
-    def _update(self, batch: dict, per_token: torch.Tensor) -> dict:
+    def _update(self, batch: dict, per_token: torch.Tensor, step: int) -> dict:
+        """The `num_iterations` updates of step `step`: its loss and update metrics."""
         config = self.config
         ids, attention = batch["input_ids"], batch["attention_mask"]
         # Position t's hidden state predicts token t + 1: shift targets, masks, advantages.
@@ -436,7 +451,7 @@ class Trainer:
                 position_ids=position_ids_from(attention.long()),
                 use_cache=False,
             ).last_hidden_state
-            result = ok.grpo_loss(
+            result = grpo_loss(
                 hidden[:, :-1],
                 weight,
                 targets,
@@ -456,6 +471,9 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 self.model.parameters(), config.max_grad_norm
             )
+            update = (step - 1) * config.num_iterations + iteration
+            for group in self.optimizer.param_groups:
+                group["lr"] = _warmed_lr(config, update)
             self.optimizer.step()
             if old is None:  # same weights as the rollout: these are the old logprobs
                 old = result.logprobs.detach()
@@ -467,6 +485,7 @@ class Trainer:
             loss=result.loss.item(),
             clip_fraction=result.clip_fraction.item(),
             kl_to_old=k3[mask.bool()].mean().item() if mask.any() else 0.0,
+            lr=self.optimizer.param_groups[0]["lr"],  # of the last update
             grad_norm=grad_norm.item(),
         )
         if self.reference is not None:
@@ -495,6 +514,19 @@ class Trainer:
                 }
             )
         return samples
+
+
+def _warmed_lr(config: TrainConfig, update: int) -> float:
+    """The learning rate of the run's `update`-th optimizer update (from 0): rising linearly
+    to `lr` over the first `warmup_updates`.
+
+    AdamW's first update moves every weight by about lr whatever its gradient (its
+    bias-corrected m / sqrt(v) is sign(g)): at lr 1e-4 step 1's policy moved so far that the
+    next update's kl_to_old was 1.9-6.0, against <= 0.003 at every later step. A function of
+    the update's index, not a scheduler's state, so a resumed run needs nothing saved."""
+    if update >= config.warmup_updates:
+        return config.lr
+    return config.lr * (update + 1) / config.warmup_updates
 
 
 def _cloned(state):
@@ -573,10 +605,8 @@ def _read_checkpoint(path: Path, device: torch.device, config: TrainConfig) -> d
             f"--resume: {path} is not a checkpoint of this trainer (it lacks or garbles "
             f"{', '.join(missing) or 'step or config'}): --overwrite starts the run afresh"
         )
-    asked = config.to_dict()
-    changed = sorted(
-        k for k in asked if k not in RESUMABLE_CHANGES and state["config"].get(k) != asked[k]
-    )
+    asked, saved = config.to_dict(), {**FIELDS_ADDED, **state["config"]}
+    changed = sorted(k for k in asked if k not in RESUMABLE_CHANGES and saved.get(k) != asked[k])
     if changed:
         raise ConfigError(f"--resume: the checkpoint was trained with other {changed}")
     return state
