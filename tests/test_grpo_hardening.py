@@ -460,3 +460,31 @@ def test_the_warmup_keeps_step_ones_kl_to_old_small(tmp_path):
         kl[warmup] = [r["kl_to_old"] for r in read_jsonl(out / METRICS)[1:]]
     assert kl[0][0] > 20 * kl[10][0], kl
     assert kl[10][0] < 0.01, kl
+
+
+def test_resume_alone_continues_a_run_with_its_saved_config(tmp_path, capsys):
+    """`train --resume --out-dir D` reads D's config.yaml: the tiny run (every size and
+    schedule off its default) goes on with only the flags that change something; a flag that
+    would make another run is refused, naming its field."""
+    out = tmp_path / "run"
+    train(tiny(out, steps=1, lr=1e-3, warmup_updates=3))
+    refused = ["train", "--resume", "--out-dir", str(out), "--steps", "2", "--lr", "5e-4"]
+    assert cli.main(refused) == 2
+    assert "the checkpoint was trained with other ['lr']" in capsys.readouterr().err
+    assert cli.main(["train", "--resume", "--out-dir", str(out), "--steps", "2"]) == 0
+    assert "after 2 steps" in capsys.readouterr().out
+    assert [r["step"] for r in read_jsonl(out / METRICS)] == [0, 1, 2]
+    assert TrainConfig.of_run(out) == tiny(out, steps=2, lr=1e-3, warmup_updates=3)
+
+
+def test_a_run_saved_before_warmup_updates_existed_resumes_without_a_warmup(tmp_path):
+    out = tmp_path / "run"
+    train(tiny(out, steps=1, warmup_updates=0))
+    saved = torch.load(out / CHECKPOINT, weights_only=True)
+    del saved["config"]["warmup_updates"]
+    torch.save(saved, out / CHECKPOINT)
+    text = (out / "config.yaml").read_text()
+    (out / "config.yaml").write_text(text.replace("warmup_updates: 0\n", ""))
+    config = TrainConfig.of_run(out, steps=2)
+    assert config.warmup_updates == 0
+    assert train(config, resume=True).steps == 2
