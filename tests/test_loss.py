@@ -240,10 +240,11 @@ def test_compile_fullgraph_and_opcheck(normaliser):
     ):
         assert torch.allclose(got, want, atol=1e-6)
     n = b["targets"].numel()
-    # The op takes the normalisers as per-token weights: those grpo_loss builds, here for a
-    # full mask (opcheck's dynamic-shape AOT check also fails for the committed op when some
-    # token weights are 0, normaliser or not; the compiled step above covers padding).
-    mask = torch.ones_like(b["mask"], dtype=torch.float32)
+    # The op takes the normalisers as per-token weights: those grpo_loss builds. opcheck
+    # backpropagates |loss| and compares the outputs after it; the backward scales the
+    # gradients the op returned in place (to hold them once), by -1 for a negative loss, so
+    # the advantages are negative here: a positive loss.
+    mask = b["mask"].float()
     token_weight = loss_module._aggregation_weights(
         mask,
         normalise.get("loss_type", "grpo"),
@@ -256,7 +257,7 @@ def test_compile_fullgraph_and_opcheck(normaliser):
             hidden.detach().reshape(n, -1).requires_grad_(),
             weight,
             b["targets"].reshape(-1),
-            b["advantages"].reshape(-1),
+            -b["advantages"].abs().reshape(-1),
             token_weight.reshape(-1),
             (mask / mask.sum()).reshape(-1),
             b["old"].reshape(-1),
