@@ -224,7 +224,7 @@ def test_oar_advantages_equals_composing_the_parts(mode):
         generator=torch.Generator().manual_seed(3),
         tau=0.3,
     )
-    noise_std = 0.0 if mode == "answer_joint" else 1e-3
+    noise_std = 0.0 if mode == "answer_joint" else gradient.NOISE_STD
     scores = ok.gradient_importance(
         model,
         ids,

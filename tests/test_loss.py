@@ -66,7 +66,7 @@ WALKS = ["one", "two"]
 
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("loss_type", loss_module.LOSS_TYPES)
 @pytest.mark.parametrize(
     "with_bias, with_kl, per_token",
     [(False, False, True), (True, True, True), (False, True, False)],

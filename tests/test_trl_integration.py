@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast 
 
 import oar_kernels as ok  # noqa: E402
 from oar_kernels.integrations.trl import OARGRPOTrainer  # noqa: E402
+from oar_kernels.loss import LOSS_TYPES  # noqa: E402
 
 PROMPTS = [
     "What is 2 + 3? Think, then write \\boxed{answer}.",
@@ -170,7 +171,6 @@ def test_refuses_unknown_oar_options(trainer_parts, option, message):
         OARGRPOTrainer(**trainer_parts, **option)
 
 
-LOSS_TYPES = ["grpo", "bnpo", "dapo", "dr_grpo"]
 ACCUMULATION = 2
 
 
