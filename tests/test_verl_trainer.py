@@ -1,22 +1,28 @@
-"""verl's own PPO loop, `RayPPOTrainer.fit` (verl 0.9), one step on CPU with `oar_grpo` and the
-two hooks, in one process.
+"""verl's own PPO loop, `RayPPOTrainer.fit` (verl 0.9.1), one `oar_grpo` step on CPU with the
+two hooks, verl's FSDP2 actor worker included, in one fresh process.
 
-verl's code that runs: the trainer config composed by Hydra from verl's `ppo_trainer.yaml`,
+verl's code that runs: the trainer config composed by Hydra from verl's `ppo_trainer.yaml`;
 `RayPPOTrainer.__init__` (its `RLHFDataset` over a parquet file, sampler, `StatefulDataLoader`,
-`collate_fn`), and `fit`: uids, rollout.n repeat, `DataProto` unions, response mask, batch
-balancing, the padded <-> no-padding conversions, `_compute_old_log_prob`, reward extraction,
-the advantage step (`ray_trainer.compute_advantage`, routed by `install_advantage_step`), the
-actor-update call and the metrics; the rewards come from verl's `default_compute_score` (MATH
-`\\boxed{}`), the policy loss from verl's registry (`vanilla`, PPO clip, token-mean).
+`collate_fn`); `fit` (uids, rollout.n repeat, `DataProto` unions, response mask, balancing, the
+padded <-> no-padding conversions, the old-log-prob step, reward extraction, the advantage
+step routed by `install_advantage_step`, the actor update, metrics); rewards from verl's
+`default_compute_score` (MATH `\\boxed{}`); and verl's actor worker `ActorRolloutRefWorker`
+(role actor: the FSDP2 engine loading the model from a directory, `compute_log_prob`,
+`update_actor` with verl's PPO loss and AdamW), called in this process instead of through Ray.
 
-What cannot start on CPU is replaced by an in-process stand-in doing the same job (the README's
-verl section says why each cannot start): the rollout replica (vLLM/SGLang, CUDA only) replays
-fixed responses; the actor worker group (Ray actors of FSDP workers) runs the tiny model on the
-driver; the weight sync between them is a no-op because they share the model.
+To run on CPU at all, verl 0.9.1 needs a CPU platform (it registers nvidia, huawei and amd
+only, falls back to nvidia and asks for NCCL and `torch.cuda.set_device`): `_use_cpu` sets one.
+What cannot start on CPU is replaced by a stand-in doing the same job (see the README's verl
+section): the rollout replica (vLLM/SGLang/TensorRT-LLM, GPU only) replays fixed responses;
+Ray's worker group is one worker called directly; the weight sync to the rollout is a no-op.
 """
 
-import copy
 import importlib.util
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,80 +40,152 @@ RESPONSES = {
     "Q: 12+7=?\n": ["2+7 is 9 so \\boxed{19}", "no idea"],
     "Q: 3+4=?\n": ["3+4=7 \\boxed{7}", "so \\boxed{8}"],
 }
+# verl 0.9.1's trainer imports these, which its own requirements do not declare.
+NEEDS = ("verl", "cachetools", "uvicorn", "fastapi")
 
 
 def _verl_missing() -> str | None:
-    if importlib.util.find_spec("verl") is None:
-        return 'verl is not installed (pip install "oar-kernels[verl]")'
-    try:
-        import verl.trainer.ppo.ray_trainer  # noqa: F401
-    except ImportError as error:
-        return f"verl's trainer does not import: {error}"
+    missing = [name for name in NEEDS if importlib.util.find_spec(name) is None]
+    if missing:
+        extra = " ".join(NEEDS[1:])
+        return f'{", ".join(missing)} not installed: pip install "oar-kernels[verl]" {extra}'
     return None
 
 
 pytestmark = pytest.mark.skipif(_verl_missing() is not None, reason=str(_verl_missing()))
 
 
-def _tiny_model(vocab_size):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+def test_verl_fit_runs_oar_grpo_with_both_hooks_and_verls_fsdp_actor(tmp_path):
+    # A fresh interpreter: the CPU platform must be in place before verl's engines import, and
+    # the process group is global state.
+    done = subprocess.run(
+        [sys.executable, __file__, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
     )
-    return LlamaForCausalLM(config).eval()
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
+    assert "verl fit on CPU: passed" in done.stdout
 
 
-def _sequence_log_probs(model, td):
-    """Per token of verl's no-padding batch: log p(next token) and entropy (verl's layout,
-    position j scores token j + 1), nested like td["input_ids"]."""
-    ids, positions = td["input_ids"], td["position_ids"]
-    log_probs, entropies = [], []
-    for row, pos in zip(ids.unbind(), positions.unbind()):
-        logits = model(input_ids=row[None], position_ids=pos[None]).logits[0, :-1].float()
-        logp = logits.log_softmax(-1)
-        pad = logp.new_zeros(1)
-        log_probs.append(torch.cat([logp.gather(-1, row[1:, None])[:, 0], pad]))
-        entropies.append(torch.cat([-(logp.exp() * logp).sum(-1), pad]))
-    offsets = ids.offsets()
-    as_nested = [
-        torch.nested.nested_tensor_from_jagged(torch.cat(t), offsets=offsets)
-        for t in (log_probs, entropies)
-    ]
-    return tuple(as_nested)
+def _use_cpu():
+    """A CPU platform for verl, a one-process gloo group, and verl's FSDP engine chosen for it."""
+    import contextlib
+
+    import torch.distributed as dist
+    from verl.plugin.platform import platform_manager
+    from verl.plugin.platform.platform_base import PlatformBase
+
+    class DeviceModule:
+        """torch.cpu, and 0 for the memory queries verl asks of a device module."""
+
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            if name == "get_device_name":
+                return lambda *_: "CPU"  # verl's flops table knows "CPU"
+            if hasattr(torch.cpu, name):
+                return getattr(torch.cpu, name)
+            return lambda *_, **__: (0, 0) if name == "mem_get_info" else 0
+
+    class PlatformCPU(PlatformBase):
+        device_name, vendor_name, device_module = "cpu", "cpu", DeviceModule()
+
+        def is_available(self):
+            return True
+
+        def current_device(self):
+            return "cpu"  # verl moves modules to this
+
+        def device_count(self):
+            return 1
+
+        def set_device(self, device_index):
+            pass
+
+        def synchronize(self, device_index=None):
+            pass
+
+        def manual_seed(self, seed):
+            torch.manual_seed(seed)
+
+        manual_seed_all = manual_seed
+
+        def set_allocator_settings(self, settings):
+            pass
+
+        def empty_cache(self):
+            pass
+
+        def get_device_capability(self, device_index=0):
+            return (None, None)
+
+        def communication_backend_name(self):
+            return "gloo"
+
+        def visible_devices_envvar(self):
+            return "CPU_VISIBLE_DEVICES"
+
+        def nvtx_range(self, msg):
+            return contextlib.nullcontext()
+
+        def profiler_start(self):
+            pass
+
+        def profiler_stop(self):
+            pass
+
+        def ray_resource_name(self):
+            return "CPU"
+
+        def ray_noset_envvars(self):
+            return []
+
+        def is_ipc_supported(self):
+            return False
+
+        def cudart(self):
+            return None
+
+    platform_manager.set_platform(PlatformCPU())
+    # verl registers its FSDP engine for cuda and npu only; it runs on the platform above.
+    os.environ.update(VERL_ENGINE_DEVICE="cuda", VERL_ENGINE_VENDOR="nvidia")
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    # The TRL installed beside verl has no AutoModelForCausalLMWithValueHead, which verl's
+    # model patch would touch; the actor does not use it.
+    from verl.models.transformers import monkey_patch
+
+    monkey_patch.is_trl_available = lambda: False
 
 
-class ActorStandIn:
-    """verl's actor worker group (Ray actors of FSDP workers) in this process: one data-parallel
-    rank, the tiny model, verl's registered policy loss; plus the OAR actor-step hook."""
+class ActorGroup:
+    """Ray's actor worker group: verl's own `ActorRolloutRefWorker` (role actor), one rank,
+    called directly; plus the OAR actor-step hook run on that worker's model."""
 
-    def __init__(self, model, tokenizer, actor_config):
-        from verl.trainer.ppo import core_algos
-
-        self.model, self.tokenizer, self.config = model, tokenizer, actor_config
-        self.policy_loss = core_algos.get_policy_loss_fn(actor_config.policy_loss.loss_mode)
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    def __init__(self, worker, tokenizer):
+        self.worker, self.tokenizer = worker, tokenizer
         self._dispatch_info = {}
         self.updates = []  # the batches update_actor received
 
     def _query_dispatch_info(self, role):
-        return [0]
+        return [0]  # one data-parallel rank
 
     def compute_log_prob(self, td):
-        from verl.utils import tensordict_utils as tu
+        return self.worker.compute_log_prob(td)
 
-        with torch.no_grad():
-            log_probs, entropy = _sequence_log_probs(self.model, td)
-        return tu.get_tensordict(
-            {"log_probs": log_probs, "entropy": entropy}, non_tensor_dict={"metrics": {"mfu": 0.0}}
-        )
+    def update_actor(self, td):
+        self.updates.append(td.clone())
+        return self.worker.update_actor(td)
+
+    @property
+    def module(self):
+        return self.worker.actor.engine.module
 
     def compute_oar_weights(self, data, algorithm_config):
         """Hook 1, where the actor model is: `oar_weights` [B, R] for the batch."""
@@ -115,33 +193,8 @@ class ActorStandIn:
 
         keys = ["input_ids", "attention_mask", "response_mask", "responses"]
         view = data.select(batch_keys=keys)
-        plugin.add_oar_weights(view, self.model, self.tokenizer, algorithm_config)
+        plugin.add_oar_weights(view, self.module, self.tokenizer, algorithm_config)
         return DataProto.from_dict({"oar_weights": view.batch["oar_weights"]})
-
-    def update_actor(self, td):
-        from verl.utils import tensordict_utils as tu
-        from verl.workers.utils.padding import no_padding_2_padding
-
-        self.updates.append(td.clone())
-        self.model.train()
-        log_probs, _ = _sequence_log_probs(self.model, td)
-        log_prob = no_padding_2_padding(log_probs, td)
-        loss, metrics = self.policy_loss(
-            old_log_prob=td["old_log_probs"],
-            log_prob=log_prob,
-            advantages=td["advantages"],
-            response_mask=td["response_mask"],
-            loss_agg_mode=self.config.loss_agg_mode,
-            config=self.config,
-        )
-        self.optimizer.zero_grad()
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1e9)
-        self.optimizer.step()
-        self.model.eval()
-        metrics = {k: float(v) for k, v in metrics.items()}
-        metrics.update({"pg_loss": loss.item(), "grad_norm": grad_norm.item(), "mfu": 0.0})
-        return tu.get_tensordict({}, non_tensor_dict={"metrics": metrics})
 
 
 class RolloutStandIn:
@@ -197,7 +250,7 @@ class RolloutStandIn:
 
 class Nothing:
     """verl's checkpoint manager (trainer -> rollout weight sync) and resource pools: the
-    stand-ins share one model on the driver, so there is nothing to sync or place."""
+    rollout stand-in replays text and the worker runs in this process: nothing to sync or place."""
 
     def update_weights(self, step):
         pass
@@ -209,7 +262,7 @@ class Nothing:
         return 1
 
 
-def _config(tmp_path):
+def _config(tmp_path, model_dir):
     import os
 
     import pandas as pd
@@ -237,6 +290,15 @@ def _config(tmp_path):
         "data.filter_overlong_prompts=False",
         "data.shuffle=False",
         "actor_rollout_ref.rollout.n=2",
+        f"actor_rollout_ref.model.path={model_dir}",
+        # No flash-attn and no CUDA: PyTorch attention, padded batches, FSDP2 in float32.
+        "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
+        "actor_rollout_ref.model.use_remove_padding=False",
+        "actor_rollout_ref.actor.strategy=fsdp2",
+        "+actor_rollout_ref.actor.fsdp_config.mixed_precision="
+        "{param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}",
+        "actor_rollout_ref.actor.optim.lr=1e-3",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4",
         "actor_rollout_ref.actor.ppo_mini_batch_size=2",
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
         "trainer.device=cpu",
@@ -266,24 +328,47 @@ def _trainer_class():
     return OARTrainer
 
 
-def test_verl_fit_runs_oar_grpo_with_both_hooks(tmp_path, monkeypatch):
-    from verl.trainer.ppo import ray_trainer
-    from verl.trainer.ppo.utils import Role
-    from verl.utils.config import omega_conf_to_dataclass
+def _save_tiny_model(directory):
+    """A tiny random Llama and the character tokenizer, saved as verl's actor loads them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    monkeypatch.setattr(ray_trainer, "compute_advantage", ray_trainer.compute_advantage)
-    plugin.install_advantage_step()  # hook 2: verl's advantage step hands oar_grpo the weights
-    config = _config(tmp_path)
     tokenizer = build_tokenizer()
-    model = _tiny_model(len(tokenizer))
-    policy = copy.deepcopy(model)  # the policy before verl's update, for the expectations
-    actor_config = omega_conf_to_dataclass(config.actor_rollout_ref.actor)
-    actor = ActorStandIn(model, tokenizer, actor_config)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return LlamaForCausalLM.from_pretrained(directory).eval()  # the policy before the update
+
+
+def _fit_on_cpu(tmp_path):
+    """One step of verl's fit with oar_grpo, then checks of the batch verl updated on."""
+    _use_cpu()
+    from verl.trainer.ppo.utils import Role
+    from verl.workers.engine_workers import ActorRolloutRefWorker
+
+    plugin.install_advantage_step()  # hook 2: verl's advantage step hands oar_grpo the weights
+    policy = _save_tiny_model(tmp_path / "model")
+    config = _config(tmp_path, tmp_path / "model")
+    tokenizer = build_tokenizer()
+    worker = ActorRolloutRefWorker(config.actor_rollout_ref, role="actor")
+    worker.init_model()
+    actor = ActorGroup(worker, tokenizer)
 
     trainer = _trainer_class()(
         config=config,
         tokenizer=tokenizer,
-        role_worker_mapping={Role.ActorRollout: object},
+        role_worker_mapping={Role.ActorRollout: ActorRolloutRefWorker},
         resource_pool_manager=Nothing(),
         device_name="cpu",
     )
@@ -295,16 +380,18 @@ def test_verl_fit_runs_oar_grpo_with_both_hooks(tmp_path, monkeypatch):
     (td,) = actor.updates  # verl's batch as its trainer sent it to the actor update
     rows = _rows(td, tokenizer)
     want = _package_advantages(policy, rows, td["response_mask"])
-    torch.testing.assert_close(td["advantages"], want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(td["returns"], want)
+    torch.testing.assert_close(td["advantages"], want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(td["returns"], td["advantages"])
     # OAR made the advantages per token: a rewarded row's tokens do not share one value.
     assert any((a[m.bool()] != a[0]).any() for a, m in zip(td["advantages"], td["response_mask"]))
-    # verl's old log-probs (its no-padding round trip) are the policy's, before the update.
+    # verl's old log-probs (its FSDP actor, no-padding round trip) are the policy's.
     old = _package_old_log_probs(policy, rows, td["response_mask"])
     real = td["response_mask"].bool()
     torch.testing.assert_close(td["old_log_probs"][real], old[real], rtol=1e-4, atol=1e-5)
-    # The update ran verl's vanilla loss and moved the model.
-    assert any((p != q).any() for p, q in zip(policy.parameters(), model.parameters()))
+    # verl's update (PPO loss, AdamW) moved the actor's weights.
+    after = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in actor.module.parameters()]
+    assert any((p != q).any() for p, q in zip(policy.parameters(), after))
+    print("verl fit on CPU: passed")
 
 
 def _rows(td, tokenizer):
@@ -403,3 +490,7 @@ def test_stock_advantage_step_refuses_oar_grpo_and_the_routed_one_passes_the_wei
     torch.testing.assert_close(
         got, unnormed * data.batch["oar_weights"] * data.batch["response_mask"]
     )
+
+
+if __name__ == "__main__":  # the fresh process of test_verl_fit_runs_oar_grpo_with_both_hooks_...
+    _fit_on_cpu(Path(sys.argv[1]))

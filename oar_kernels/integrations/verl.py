@@ -103,7 +103,15 @@ def response_weights(
         tokenizer, input_ids.cpu(), completion.cpu(), answer_format=cfg.answer_format
     )
     mask_id = tokenizer.pad_token_id if cfg.mask_token_id is None else cfg.mask_token_id
-    out = pipeline.oar_advantages(
+    with _unsharded(model):
+        out = _oar_advantages(
+            model, input_ids, attention_mask, score_mask, answer_mask, cfg, mask_id
+        )
+    return OARResponse(*(t[:, -width:] for t in (out.weights, out.scores, out.old_logprobs)))
+
+
+def _oar_advantages(model, input_ids, attention_mask, score_mask, answer_mask, cfg, mask_id):
+    return pipeline.oar_advantages(
         model,
         input_ids,
         attention_mask,
@@ -119,7 +127,40 @@ def response_weights(
         floor=cfg.floor,
         preserve_mass=cfg.preserve_mass,
     )
-    return OARResponse(*(t[:, -width:] for t in (out.weights, out.scores, out.old_logprobs)))
+
+
+def _unsharded(model):
+    """The parameters of the root FSDP2 unit and of the embedding units gathered for the
+    duration (verl's FSDP2 actor wraps the root, each layer, and untied embeddings).
+
+    OAR runs the decoder and the head as separate calls and reads the head's weight (it is
+    applied to chosen positions only), so the forward hooks that would gather the root's
+    parameters (the final norm) and the head's never fire; the layers gather their own.
+    """
+    import contextlib
+
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        FSDPModule = ()
+    if not isinstance(model, FSDPModule):
+        return contextlib.nullcontext()
+    embeddings = (model.get_input_embeddings(), model.get_output_embeddings())
+    units = [model] + [m for m in embeddings if isinstance(m, FSDPModule) and m is not model]
+
+    @contextlib.contextmanager
+    def gathered():
+        for unit in units:  # OAR-G's backward must not reshard them before the next pass
+            unit.set_reshard_after_backward(False, recurse=False)
+            unit.unshard()
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.set_reshard_after_backward(True, recurse=False)  # FSDP2's default
+                unit.reshard()
+
+    return gathered()
 
 
 def add_oar_weights(data, model, tokenizer, config=None):
