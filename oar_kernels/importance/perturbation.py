@@ -17,6 +17,12 @@ The pass, for the whole batch at once:
    positions s, s+1, ... The outcome reads only the outcome positions (the clean pass's where
    they precede s): no [R, T, V] logits. Nothing in the loop reads a value back to the host,
    and its op count does not depend on how many rows or counterfactuals a micro-batch holds.
+
+Cheaper variants (opt-in; the default is exact per-token OAR-P): `stride=k` runs the
+counterfactuals of every k-th scored token of a row and gives each other token the score of
+its nearest exactly scored one; `segments=` masks every scored token of a segment at once
+(one counterfactual per segment, sharing the prefix before its first token) and gives its
+tokens the segment's score. `importance.variants` builds segments and holds the hybrid.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from oar_kernels._checks import require_bool, require_int
+from oar_kernels._checks import require_bool, require_int, require_same_device, require_tensor
 from oar_kernels.importance.batch import check_batch, outcome_positions, require_finite_scores
 from oar_kernels.importance.causal_lm import (
     eval_mode,
@@ -143,6 +149,7 @@ class _Plan:
     row_groups: list  # clean-forward groups: (start, end) over the planned rows
     batches: list  # micro-batches: (start, end, cached, suffix, kind) over the counterfactuals
     device_ints: dict  # name -> int64 array the device slices (uploaded in one transfer)
+    segmented: bool  # counterfactuals mask segments (`masked_by`), not only their first token
     token_forwards: int
     naive_token_forwards: int
     padded_token_forwards: int
@@ -189,14 +196,45 @@ def _micro_batches(cached, suffix, kinds, dims, outcomes, limits):
     return batches
 
 
-def _plan(host, mode, dims, limits) -> _Plan:
+@dataclass(frozen=True)
+class _Variant:
+    stride: int = 1
+    segments: np.ndarray | None = None  # [B, T] int64 segment ids, read to the host
+
+
+def _groups(tok_row, tok_col, variant):
+    """Which counterfactual each scored token (row-major) takes its score from, and whether
+    that counterfactual masks it: (group [N] in 0..G-1, masked [N] bool)."""
+    count = tok_row.size
+    if variant.segments is not None:
+        keys = np.stack([tok_row, variant.segments[tok_row, tok_col]], 1)
+        return np.unique(keys, axis=0, return_inverse=True)[1].reshape(-1), np.ones(count, bool)
+    k = variant.stride
+    row_start = np.searchsorted(tok_row, tok_row)  # each token's row's first token
+    rank = np.arange(count) - row_start
+    row_end = np.searchsorted(tok_row, tok_row, side="right") - 1
+    last_kept = (row_end - row_start) // k * k
+    nearest = np.minimum((rank + k // 2) // k * k, last_kept)  # ties go to the later one
+    return np.unique(row_start + nearest, return_inverse=True)[1], rank % k == 0
+
+
+def _plan(host, mode, dims, limits, variant=_Variant()) -> _Plan:
     attention, score, answer, last_pos, uses_last = host
     width = attention.shape[1]
     first, length = attention.argmax(1), attention.sum(1)
     columns, valid = _outcome_columns(answer, last_pos, uses_last)
     last = columns.max(1)
-    # Counterfactual (b, c): a scored column c up to the row's last outcome column.
-    cf_row, cf_col = np.nonzero(score & (np.arange(width) <= last[:, None]))
+    # Scored token (b, c): a scored column c up to the row's last outcome column.
+    tok_row, tok_col = np.nonzero(score & (np.arange(width) <= last[:, None]))
+    exact = variant.stride == 1 and variant.segments is None
+    if exact:  # counterfactual i masks token i
+        cf_row, cf_col = tok_row, tok_col
+    else:  # counterfactual g masks its masked tokens, from the first of them on
+        group, masked = _groups(tok_row, tok_col, variant)
+        cf_col = np.full(group.max(initial=-1) + 1, width)
+        np.minimum.at(cf_col, group[masked], tok_col[masked])
+        cf_row = np.zeros_like(cf_col)
+        cf_row[group] = tok_row
     rows, cf_sub = np.unique(cf_row, return_inverse=True)
     cf_pos, cf_suffix = cf_col - first[cf_row], last[cf_row] - cf_col + 1
     cf_kind = np.where((mode == "answer_joint") & ~uses_last[cf_row], _JOINT, _KL)
@@ -210,6 +248,15 @@ def _plan(host, mode, dims, limits) -> _Plan:
         columns.shape[1],
         limits,
     )
+    variant_ints = {}
+    if not exact:
+        sorted_index = np.empty_like(order)
+        sorted_index[order] = np.arange(order.size)
+        variant_ints = {"tok_flat": tok_row * width + tok_col, "tok_src": sorted_index[group]}
+        if variant.segments is not None:  # per cell of [B, T]: the counterfactual masking it
+            masked_by = np.full(attention.size, -1)
+            masked_by[variant_ints["tok_flat"]] = variant_ints["tok_src"]
+            variant_ints["masked_by"] = masked_by
     clean_width = int(last[rows].max()) + 1 if rows.size else 0
     row_bytes = counterfactual_bytes(dims, 0, clean_width, columns.shape[1])
     per_group = max(1, limits.bytes // row_bytes)
@@ -229,7 +276,9 @@ def _plan(host, mode, dims, limits) -> _Plan:
             "cf_sub": cf_sub[order],
             "cf_pos": cf_pos[order],
             "cf_flat": (cf_row * width + cf_col)[order],  # where each score goes in [B, T]
+            **variant_ints,
         },
+        segmented=variant.segments is not None,
         token_forwards=int(
             np.minimum(length[rows], clean_width - rows_first).sum() + cf_suffix.sum()
         ),
@@ -239,10 +288,11 @@ def _plan(host, mode, dims, limits) -> _Plan:
     )
 
 
-def _checked_batch(model, input_ids, attention_mask, score_mask, answer_mask, mode):
+def _checked_batch(model, input_ids, attention_mask, score_mask, answer_mask, mode, segments=None):
     """`check_batch`, with the masks and outcome positions the plan needs read back to the
     host in the same transfer: the pass's one read. Returns the device masks (bool) and
-    the host arrays (attention, score, answer [B, T] bool, last_pos [B], uses_last [B])."""
+    the host arrays (attention, score, answer [B, T] bool, last_pos [B], uses_last [B]),
+    plus the segment ids [B, T] int64 when `segments` is given."""
     masks, checks = check_batch(model, input_ids, attention_mask, score_mask, answer_mask, mode)
     attention_mask, score_mask, answer_mask = masks
     if attention_mask.numel() == 0:  # no outcome positions to find (and nothing to plan)
@@ -251,12 +301,17 @@ def _checked_batch(model, input_ids, attention_mask, score_mask, answer_mask, mo
     last_pos, uses_last = outcome_positions(attention_mask, answer_mask, mode)
     # Each cell's three mask bits in one int.
     cells = attention_mask.long() + 2 * score_mask.long() + 4 * answer_mask.long()
-    packed = torch.cat([cells.flatten(), last_pos.long(), uses_last.long()])
-    host = np.array(checks.read(packed), dtype=np.int64)
+    parts = [cells.flatten(), last_pos.long(), uses_last.long()]
+    if segments is not None:
+        parts.append(segments.long().flatten())
+    host = np.array(checks.read(torch.cat(parts)), dtype=np.int64)
     cells = host[: cells.numel()].reshape(cells.shape)
-    last_pos, uses_last = host[cells.size :].reshape(2, -1)
+    last_pos, uses_last = host[cells.size : cells.size + 2 * len(last_pos)].reshape(2, -1)
     bits = [(cells >> bit & 1).astype(bool) for bit in range(3)]
-    return masks, (*bits, last_pos, uses_last.astype(bool))
+    arrays = (*bits, last_pos, uses_last.astype(bool))
+    if segments is not None:
+        arrays += (host[cells.size + 2 * len(last_pos) :].reshape(cells.shape),)
+    return masks, arrays
 
 
 def _upload(arrays: dict, device) -> dict:
@@ -404,6 +459,10 @@ class _Pass:
         positions = torch.minimum(positions, last)
         ids = self.flat_ids[self.ids_base[rows, None] + positions]
         ids[:, 0] = self.mask_token_id
+        if self.plan.segmented:  # the rest of each counterfactual's segment
+            masked_by = dev["masked_by"][self.ids_base[rows, None] + positions]
+            masked = masked_by == self.steps[start:end, None]
+            ids = torch.where(masked, self.mask_token_id, ids)
         # Cache column j holds position j - cached + s: the prefix ends right before s.
         prefix = self.steps[:cached] - cached + pos[:, None]  # [K, cached]
         gather = (self.cache_base[rows, None] + prefix.clamp(min=0)).flatten()
@@ -430,12 +489,13 @@ class _Pass:
         return _importance(self.clean[kind][rows], value, kind)
 
 
-def _score(model, input_ids, attention_mask, host, mode, mask_token_id, limits):
+def _score(model, input_ids, attention_mask, host, mode, mask_token_id, limits, stride=1):
     """Scores [B, T] float32 of a validated batch (host: `_checked_batch`'s arrays), and stats."""
     scores = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     if scores.numel() == 0:  # nothing to score, and no outcome position to find
         return scores, PerturbationStats(0, 0)
-    plan = _plan(host, mode, model_dims(model), limits)
+    variant = _Variant(stride, host[5] if len(host) > 5 else None)
+    plan = _plan(host[:5], mode, model_dims(model), limits, variant)
     stats = PerturbationStats(
         plan.token_forwards,
         plan.naive_token_forwards,
@@ -449,8 +509,26 @@ def _score(model, input_ids, attention_mask, host, mode, mask_token_id, limits):
     importance = torch.empty(len(run.dev["cf_pos"]), dtype=dtype, device=input_ids.device)
     for start, end, cached, suffix, kind in plan.batches:
         importance[start:end] = run.micro_batch(start, end, cached, suffix, kind)
-    scores.view(-1)[run.dev["cf_flat"]] = importance.float()
+    if "tok_src" in run.dev:  # a variant: each scored token takes its counterfactual's score
+        scores.view(-1)[run.dev["tok_flat"]] = importance[run.dev["tok_src"]].float()
+    else:
+        scores.view(-1)[run.dev["cf_flat"]] = importance.float()
     return scores, stats
+
+
+def _check_segments(segments, input_ids, stride) -> None:
+    require_tensor("segments", segments)
+    if segments.is_floating_point() or segments.is_complex() or segments.dtype == torch.bool:
+        raise TypeError(f"segments must be an integer tensor, got {segments.dtype}")
+    if isinstance(input_ids, torch.Tensor) and segments.shape != input_ids.shape:
+        raise ValueError(
+            f"segments must have input_ids' shape {tuple(input_ids.shape)}, "
+            f"got {tuple(segments.shape)}"
+        )
+    if isinstance(input_ids, torch.Tensor):
+        require_same_device(input_ids=input_ids, segments=segments)
+    if stride != 1:
+        raise ValueError(f"segments and stride > 1 are exclusive, got stride={stride}")
 
 
 def perturbation_importance(
@@ -465,6 +543,8 @@ def perturbation_importance(
     max_batch_tokens: int | None = None,
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     return_stats: bool = False,
+    stride: int = 1,
+    segments: torch.Tensor | None = None,
 ):
     """OAR-P token importance for a padded batch (SPEC section 4).
 
@@ -479,11 +559,23 @@ def perturbation_importance(
     plus the clean KV cache of the batch, whatever the number of scored tokens R.
     max_batch_tokens: optionally also bounds a counterfactual micro-batch's recomputed tokens
     plus cached entries (padding included); None: the memory budget alone.
+    stride: k > 1 (opt-in, approximate) runs only the counterfactuals of each row's scored
+    tokens 0, k, 2k, ... (in column order); every other scored token gets the score of the
+    nearest of those in that order (the later one on a tie): about 1/k of the cost.
+    segments: [B, T] integer segment ids (opt-in, approximate): the scored tokens of a row
+    with equal ids are masked together by one counterfactual (its prefix is the one before
+    the segment's first token), and all of them get its score; ids outside score_mask are
+    ignored. `importance.variants.window_segments` / `step_segments` build them. Not with
+    stride > 1. Both variants keep the rule that tokens after the last outcome position
+    score 0, and the stats count only the counterfactuals they run.
     Returns [B, T] float32 scores (0 outside score_mask), and PerturbationStats if asked.
     The pass runs in eval mode (dropout off) and restores every module's mode.
     """
+    stride = require_int("stride", stride, 1)
+    if segments is not None:
+        _check_segments(segments, input_ids, stride)
     (attention_mask, _, _), host = _checked_batch(
-        model, input_ids, attention_mask, score_mask, answer_mask, mode
+        model, input_ids, attention_mask, score_mask, answer_mask, mode, segments
     )
     mask_token_id = require_int("mask_token_id", mask_token_id, 0, vocab_size(model) - 1)
     if max_batch_tokens is not None:
@@ -496,7 +588,9 @@ def perturbation_importance(
         PADDING_SLACK.get(input_ids.device.type, DEFAULT_PADDING_SLACK),
     )
     with torch.no_grad(), eval_mode(model):
-        scores, stats = _score(model, input_ids, attention_mask, host, mode, mask_token_id, limits)
+        scores, stats = _score(
+            model, input_ids, attention_mask, host, mode, mask_token_id, limits, stride
+        )
     require_finite_scores(scores, "the model's outputs overflowed or its weights are not finite")
     return (scores, stats) if return_stats else scores
 
