@@ -2,6 +2,7 @@
 
 import argparse
 import sys
+from pathlib import Path
 
 # Each command: its one-line help and the function that adds its arguments. Only the
 # command being run gets its arguments (the train flags import TrainConfig, and with it
@@ -48,7 +49,11 @@ def main(argv: list[str] | None = None) -> int:
 def _continue_hint(args) -> str:
     """How to go on after Ctrl-C, as far as the command allows."""
     if args.command == "train":
+        from oar_kernels.grpo.loop import CHECKPOINT
+
         out_dir = getattr(args, "out_dir", "runs/train")
+        if not (Path(out_dir) / CHECKPOINT).exists():
+            return " before a step finished: nothing to resume"
         return f": continue with `oar-kernels train --resume --out-dir {out_dir}`"
     if args.command == "demo":
         return (

@@ -97,6 +97,10 @@ def test_cli_reads_hyphenated_yaml_keys(tmp_path, capsys, monkeypatch):
     assert cli.main(["train", "--config", str(path), "--lr", "2e-4"]) == 130
     assert seen["config"].out_dir == str(tmp_path / "x")
     assert (seen["config"].warmup_updates, seen["config"].lr) == (0, 2e-4)
+    assert "interrupted before a step finished: nothing to resume" in capsys.readouterr().err
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "checkpoint.pt").write_bytes(b"")
+    assert cli.main(["train", "--config", str(path)]) == 130
     err = capsys.readouterr().err
     assert f"continue with `oar-kernels train --resume --out-dir {tmp_path / 'x'}`" in err
 
