@@ -364,6 +364,7 @@ def _fit_on_cpu(tmp_path):
     worker = ActorRolloutRefWorker(config.actor_rollout_ref, role="actor")
     worker.init_model()
     actor = ActorGroup(worker, tokenizer)
+    _check_hook_on_fsdp(actor.module, policy, tokenizer)
 
     trainer = _trainer_class()(
         config=config,
@@ -392,6 +393,24 @@ def _fit_on_cpu(tmp_path):
     after = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in actor.module.parameters()]
     assert any((p != q).any() for p, q in zip(policy.parameters(), after))
     print("verl fit on CPU: passed")
+
+
+def _check_hook_on_fsdp(module, policy, tokenizer):
+    """OAR-G and OAR-P through verl's FSDP2-wrapped actor give the plain model's weights."""
+    rows = [
+        dict(prompt=prompt, response=response)
+        for prompt, responses in RESPONSES.items()
+        for response in responses
+    ]
+    width_r = max(len(tokenizer.encode(r["response"])) for r in rows) + 1
+    ids, attn, width_p = _layout(rows, tokenizer, torch.zeros(len(rows), width_r))
+    mask = attn[:, width_p:]
+    for method in ("gradient", "perturbation"):
+        config = {"method": method, "tau": TAU}
+        got = plugin.response_weights(module, tokenizer, ids, attn, mask, config)
+        want = plugin.response_weights(policy, tokenizer, ids, attn, mask, config)
+        torch.testing.assert_close(got.weights, want.weights, rtol=1e-4, atol=1e-5)
+        assert (got.weights != 1).any(), method
 
 
 def _rows(td, tokenizer):

@@ -148,6 +148,12 @@ def _unsharded(model):
     embeddings = (model.get_input_embeddings(), model.get_output_embeddings())
     units = [model] + [m for m in embeddings if isinstance(m, FSDPModule) and m is not model]
 
+    # FSDP2 makes the first unit to run forward the root; before verl's first actor forward
+    # that would be the embedding OAR calls, and verl's next forward would then fail.
+    lazy_init = getattr(model._get_fsdp_state(), "_lazy_init", None)
+    if lazy_init is not None:
+        lazy_init()
+
     @contextlib.contextmanager
     def gathered():
         for unit in units:  # OAR-G's backward must not reshard them before the next pass
