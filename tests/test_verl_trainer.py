@@ -31,6 +31,7 @@ import torch
 import oar_kernels as ok
 from oar_kernels.grpo.task import build_tokenizer
 from oar_kernels.integrations import verl as plugin
+from tests.helpers import tiny_causal_lm
 
 TAU = 0.3  # algorithm.oar.tau, not the default: the hook must read verl's config
 DATA_SOURCE = "lighteval/MATH"  # verl's default_compute_score: last \boxed{} vs ground truth
@@ -330,23 +331,10 @@ def _trainer_class():
 
 def _save_tiny_model(directory):
     """A tiny random Llama and the character tokenizer, saved as verl's actor loads them."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(directory)
+    tiny_causal_lm("llama", vocab_size=len(tokenizer)).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return LlamaForCausalLM.from_pretrained(directory).eval()  # the policy before the update
 

@@ -14,8 +14,9 @@ importance is computed in the actor step that already runs the current policy ov
 response: the old-log-prob step. `add_oar_weights(data, model, tokenizer, config)` there
 finds the spans, scores the response tokens and stores Bi-Level weights `oar_weights`
 [B, R] in the batch (in answer_joint mode the same pass also yields the old log-probs, see
-`response_weights`). The estimator multiplies verl's GRPO advantages by them; because verl's
-`compute_advantage` passes only its fixed fields, the trainer's advantage step calls
+`response_weights`; verl's FSDP2 actor model is gathered for it). The estimator multiplies
+verl's GRPO advantages by them; because verl's `compute_advantage` passes only its fixed
+fields, `install_advantage_step()` makes `RayPPOTrainer.fit`'s advantage step call
 `compute_oar_advantage(data, config)`, which passes `oar_weights` to the registered estimator.
 No policy loss is registered: verl's `vanilla` loss already takes per-token advantages [B, R].
 
