@@ -209,41 +209,32 @@ class RolloutStandIn:
         from verl import DataProto
         from verl.utils.reward_score import default_compute_score
 
-        tok, pad = self.tokenizer, self.tokenizer.pad_token_id
+        tok = self.tokenizer
         prompts = [messages[-1]["content"] for messages in gen_batch.non_tensor_batch["raw_prompt"]]
         seen = {}
-        responses = []
+        rows = []
         for p in prompts:
-            responses.append(RESPONSES[p][seen.get(p, 0)])
+            rows.append(dict(prompt=p, response=RESPONSES[p][seen.get(p, 0)]))
             seen[p] = seen.get(p, 0) + 1
-        p_ids = [tok.encode(p) for p in prompts]
-        r_ids = [tok.encode(r) + [tok.eos_token_id] for r in responses]
-        width_p, width_r = max(map(len, p_ids)), max(map(len, r_ids))
-        rows = len(prompts)
-        prompt_t = torch.full((rows, width_p), pad)
-        response_t = torch.full((rows, width_r), pad)
-        prompt_m = torch.zeros(rows, width_p, dtype=torch.long)
-        response_m = torch.zeros(rows, width_r, dtype=torch.long)
-        scores = torch.zeros(rows, width_r)
-        for b, (p, r) in enumerate(zip(p_ids, r_ids)):
-            prompt_t[b, width_p - len(p) :], prompt_m[b, width_p - len(p) :] = torch.tensor(p), 1
-            response_t[b, : len(r)], response_m[b, : len(r)] = torch.tensor(r), 1
-            info = gen_batch.non_tensor_batch
+        width_r = max(len(tok.encode(r["response"])) for r in rows) + 1  # + eos
+        ids, attention, width_p = _layout(rows, tok, torch.zeros(len(rows), width_r))
+        response_mask = attention[:, width_p:]
+        scores = torch.zeros(response_mask.shape)
+        info = gen_batch.non_tensor_batch
+        for b, row in enumerate(rows):
             truth = info["reward_model"][b]["ground_truth"]
-            scores[b, len(r) - 1] = default_compute_score(
-                info["data_source"][b], responses[b], truth
-            )
-        attention = torch.cat([prompt_m, response_m], 1)
+            score = default_compute_score(info["data_source"][b], row["response"], truth)
+            scores[b, response_mask[b].sum() - 1] = score
         tensors = {
-            "prompts": prompt_t,
-            "responses": response_t,
-            "response_mask": response_m,
-            "input_ids": torch.cat([prompt_t, response_t], 1),
+            "prompts": ids[:, :width_p],
+            "responses": ids[:, width_p:],
+            "response_mask": response_mask,
+            "input_ids": ids,
             "attention_mask": attention,
             "position_ids": (attention.cumsum(1) - 1).clamp_min(0),
             "rm_scores": scores,
         }
-        empty = np.array([{} for _ in range(rows)], dtype=object)
+        empty = np.array([{} for _ in rows], dtype=object)
         return DataProto.from_dict(
             tensors, non_tensors={"multi_modal_inputs": empty}, meta_info={"timing": {}}
         )
