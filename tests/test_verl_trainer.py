@@ -43,6 +43,7 @@ RESPONSES = {
 }
 # verl 0.9.1's trainer imports these, which its own requirements do not declare.
 NEEDS = ("verl", "cachetools", "uvicorn", "fastapi")
+ROOT = Path(__file__).parents[1]  # the fresh process imports tests.helpers from here
 
 
 def _verl_missing() -> str | None:
@@ -64,7 +65,10 @@ def test_verl_fit_runs_oar_grpo_with_both_hooks_and_verls_fsdp_actor(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        },
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
     assert "verl fit on CPU: passed" in done.stdout
