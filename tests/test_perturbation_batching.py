@@ -3,8 +3,6 @@ an op count that does not grow with the rows in a micro-batch, no per-micro-batc
 
 import pytest
 import torch
-from test_oar_g_heads import FAMILIES, family_model
-from test_perturbation_importance import MASK_ID, naive_importance
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import oar_kernels as ok
@@ -15,6 +13,8 @@ from tests.helpers import (
     ragged_rollouts,
     tiny_causal_lm,
 )
+from tests.test_oar_g_heads import FAMILIES, family_model
+from tests.test_perturbation_importance import MASK_ID, naive_importance
 
 # Ops that read a value, or a shape that depends on values, back to the host (a GPU sync).
 HOST_READS = {
@@ -255,3 +255,21 @@ def test_cpu_micro_batches_pad_at_most_an_eighth():
     assert stats.padded_token_forwards <= (1 + perturbation.PADDING_SLACK["cpu"]) * (
         stats.token_forwards
     )
+
+
+@pytest.mark.parametrize("variant", ["stride", "segments"])
+def test_variants_keep_ops_and_host_reads_flat_in_the_rows(variant, any_padding):
+    from oar_kernels.importance.variants import window_segments
+
+    def extra(batch):
+        if variant == "stride":
+            return {"stride": 2}
+        return {"segments": window_segments(batch[2], 2)}
+
+    model = tiny_causal_lm("qwen2")
+    one_row, eight_rows = _batch(1), _batch(8)
+    one, _ = _dispatched(model, one_row, **extra(one_row))
+    eight, stats = _dispatched(model, eight_rows, **extra(eight_rows))
+    assert stats.micro_batches == 1  # 16 counterfactuals of 8 rows in one decoder call
+    assert eight.ops == one.ops
+    assert eight.host_reads == one.host_reads <= 4
