@@ -115,8 +115,9 @@ def hybrid_importance(
 
     Arguments as in `perturbation_importance` (mode is the outcome of both passes) and
     `gradient_importance` (noise_std, generator: the OAR-G pass's noise); k >= 1.
-    Each row's k scored tokens of highest OAR-G score (all of them when it has <= k) get
-    their exact OAR-P score: the same values `perturbation_importance` gives them. Every
+    Each row's k scored tokens of highest OAR-G score (all of them when it has <= k; ties
+    to the earlier column) get their exact OAR-P score (`perturbation_importance` with
+    those tokens as the score mask; equal to the full call's up to rounding). Every
     other scored token gets FALLBACK_SHARE * m * g_s / max g, m being the row's smallest
     exact score clamped at 0 and g the OAR-G scores of the row's other tokens: at most half
     of m, so the Bi-Level reshape ranks them below every exact token of the row (when m > 0;
