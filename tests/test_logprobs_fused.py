@@ -3,13 +3,13 @@ reference: under the Triton interpreter here, compiled on a GPU when there is on
 
 import pytest
 import torch
-from test_logprobs import _reference_with_grads as _reference  # the same float64 reference
-from test_logprobs import _run_ours as _ours  # the public call, backward included
 
 import oar_kernels as ok
 from oar_kernels import logprobs
 from oar_kernels.logprobs import token_logprobs_reference
 from tests.helpers import NO_CUDA, assert_verbose_allclose, triton_device_or_skip
+from tests.test_logprobs import _reference_with_grads as _reference  # the same float64 reference
+from tests.test_logprobs import _run_ours as _ours  # the public call, backward included
 
 CUDA = torch.cuda.is_available()
 fused = pytest.importorskip("oar_kernels.logprobs_fused") if logprobs.triton else None

@@ -5,7 +5,6 @@ model's own forward logits. Tiny random models built here (no downloads)."""
 
 import pytest
 import torch
-from test_gradient_importance import reference_row
 from transformers import (
     CohereConfig,
     CohereForCausalLM,
@@ -20,6 +19,7 @@ from oar_kernels.importance import causal_lm, gradient
 from oar_kernels.importance.batch import MODES
 from oar_kernels.logprobs import CHUNK_BYTES
 from tests.helpers import TINY_VOCAB, TINY_WIDTH, assert_verbose_allclose, ragged_rollouts
+from tests.test_gradient_importance import reference_row
 
 COMMON = dict(
     vocab_size=TINY_VOCAB,

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_trl_multiprocess import _free_port
+
+from tests.test_trl_multiprocess import _free_port
 
 pytest.importorskip("trl", reason="trl is not installed (pip install '.[oar]')")
 
