@@ -57,26 +57,32 @@ VARIANTS = [
 ]
 
 
-def policy(small: bool):
-    """The tokenizer and the warm-started policy (the demo's; a short warm start if small)."""
+def policy(small: bool, fillers: int = 0):
+    """The tokenizer and the warm-started policy (the trainer's for the task; a short warm
+    start if small)."""
     from oar_kernels.grpo.model import ModelSpec, WarmStart, warm_started_model
     from oar_kernels.grpo.task import build_tokenizer
 
     tokenizer = build_tokenizer()
-    warm = WarmStart(max_steps=60, min_steps=60, validation_size=8) if small else WarmStart()
+    if small:
+        warm = WarmStart(max_steps=60, min_steps=60, validation_size=8)
+    else:
+        warm = WarmStart(fillers=fillers)
     return tokenizer, warm_started_model(tokenizer, ModelSpec(), warm, progress=False)
 
 
-def rollout_batch(model, tokenizer, seed: int, prompts: int, generations: int):
-    """[N, T] ids and masks of `prompts` problems x `generations` samples (temperature 1)."""
+def rollout_batch(model, tokenizer, seed: int, prompts: int, generations: int, fillers: int = 0):
+    """[N, T] ids and masks of `prompts` problems x `generations` samples (temperature 1)
+    of the task with `fillers` filler characters before each step (0: plain addition)."""
     from oar_kernels.grpo.model import prompt_ids
     from oar_kernels.grpo.rollout import HFRollouts
-    from oar_kernels.grpo.task import make_dataset
+    from oar_kernels.grpo.task import filler_tokens, make_dataset
     from oar_kernels.spans import completion_spans
 
-    problems = make_dataset(prompts, seed)
+    problems = make_dataset(prompts, seed, fillers=fillers)
     ids = [prompt_ids(tokenizer, p) for p in problems for _ in range(generations)]
-    rollouts = HFRollouts(model, tokenizer, max_new_tokens=128, temperature=1.0)
+    budget = 128 + filler_tokens(3, fillers)  # the trainer's completion budget
+    rollouts = HFRollouts(model, tokenizer, max_new_tokens=budget, temperature=1.0)
     out = rollouts.generate(ids, seed=seed)
     score, answer = completion_spans(tokenizer, out.input_ids, out.completion_mask)
     return out.input_ids, out.attention_mask, score, answer
@@ -148,20 +154,20 @@ def row_agreement(exact: torch.Tensor, other: torch.Tensor, score: torch.Tensor)
     return rows
 
 
-def measure(seeds, prompts, generations, repeats, mode=MODES[0], small=False):
+def measure(seeds, prompts, generations, repeats, mode=MODES[0], small=False, fillers=0):
     """{variant name: {"spearman": [...rows], "overlap": [...rows], "forwards": [...batches],
     "time": [...batches]}} (cost lists are ratios to exact OAR-P); and the rows' lengths."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        tokenizer, model = policy(small)
+        tokenizer, model = policy(small, fillers)
         chosen = variants(mode)
         results = {
             v.name: {"spearman": [], "overlap": [], "forwards": [], "time": []} for v in chosen
         }
         lengths = []
         for seed in seeds:
-            batch = rollout_batch(model, tokenizer, seed, prompts, generations)
+            batch = rollout_batch(model, tokenizer, seed, prompts, generations, fillers)
             lengths += batch[2].sum(1).tolist()
             times = {v.name: [] for v in chosen}
             outputs = {}
@@ -199,9 +205,10 @@ def spread(values) -> str:
     return f"{q50:.2f} [{q25:.2f}, {q75:.2f}]"
 
 
-def table(results, lengths, seeds, prompts, generations, repeats, mode) -> str:
+def table(results, lengths, seeds, prompts, generations, repeats, mode, fillers=0) -> str:
+    task = f"filler task (F={fillers})" if fillers else "addition task"
     lines = [
-        f"Embedded task, mode {mode}, seeds {list(seeds)}, {prompts} prompts x {generations} "
+        f"Embedded {task}, mode {mode}, seeds {list(seeds)}, {prompts} prompts x {generations} "
         f"samples per seed ({len(lengths)} rows, scored tokens per row {spread(lengths)}), "
         f"{repeats} timed repeats, 1 torch thread (CPU time), {platform.machine()}, "
         f"torch {torch.__version__}, {datetime.date.today()}; median [IQR]",
@@ -237,10 +244,11 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mode", choices=MODES, default=MODES[0])
+    parser.add_argument("--fillers", type=int, default=0, help="the filler task's F (0: plain)")
     args = parser.parse_args()
     sizes = (args.seeds, args.prompts, args.generations, args.repeats)
-    results, lengths = measure(*sizes, mode=args.mode)
-    print(table(results, lengths, *sizes, args.mode))
+    results, lengths = measure(*sizes, mode=args.mode, fillers=args.fillers)
+    print(table(results, lengths, *sizes, args.mode, args.fillers))
 
 
 if __name__ == "__main__":
