@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:  # the command's usage, not the top-level one
         parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     from oar_kernels.grpo.config import ConfigError
+    from oar_kernels.grpo.viz import NotARunError
 
     try:
         return _dispatch(args)
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     # Bad config values; an out_dir in use, unwritable or not a run; a missing or unreadable
     # checkpoint.
-    except ConfigError as error:
+    except (ConfigError, NotARunError) as error:
         print(f"oar-kernels {args.command}: error: {error}", file=sys.stderr)
         return 2
 

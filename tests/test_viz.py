@@ -181,6 +181,14 @@ def test_a_directory_that_is_not_a_run_is_named_with_its_missing_file(tmp_path):
     assert str(tmp_path / "config.yaml") in str(error.value)
 
 
+def test_the_cli_reports_a_directory_that_is_not_a_run_as_a_usage_error(tmp_path, capsys):
+    from oar_kernels.cli import main
+
+    assert main(["viz", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith("oar-kernels viz: error:") and "is not a run directory" in message
+
+
 # -- in a real browser ---------------------------------------------------------------------
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 MEASURE = """<script>
