@@ -28,6 +28,21 @@ def test_top_level_help_does_not_import_torch():
     assert done.stdout.splitlines()[-1] == "False"
 
 
+def test_the_ops_register_on_first_use_of_a_public_name():
+    # `import oar_kernels` is light (the line above); the README tells callers of torch.ops.oar
+    # to touch one public name first, which must register every op family.
+    code = (
+        "import torch, oar_kernels\n"
+        "assert not hasattr(torch.ops.oar, 'bilevel_weights')\n"
+        "from oar_kernels import info\n"
+        "for op in ('bilevel_weights', 'reshape_advantages', 'token_logprobs', 'grpo_loss',"
+        " 'saliency'):\n"
+        "    getattr(torch.ops.oar, op)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 def test_every_config_field_has_help_text():
     for knob in dataclasses.fields(TrainConfig):
         assert len(knob.metadata.get("help", "")) > 10, knob.name
