@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 
 import oar_kernels as ok
 from oar_kernels import _extension, logprobs, reshape
+from oar_kernels.importance.batch import MODES
+from oar_kernels.loss import LOSS_TYPES
 from tests.helpers import assert_verbose_allclose
 
 TRITON_HERE = reshape.triton is not None and (
@@ -173,7 +175,7 @@ def test_token_logprobs_finite(dtype, logit_exp, temperature, masked_vocab, rows
 
 @SETTINGS
 @given(
-    loss_type=st.sampled_from(["grpo", "bnpo", "dapo", "dr_grpo"]),
+    loss_type=st.sampled_from(LOSS_TYPES),
     adv_exp=st.sampled_from([-40.0, -5.0, 0.0, 6.0, 15.0]),
     per_token=st.booleans(),
     beta=st.sampled_from([0.0, 0.05]),
@@ -250,7 +252,7 @@ def _valid_spans(gen, rows, length, left_pad):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     method=st.sampled_from(["gradient", "perturbation"]),
-    mode=st.sampled_from(["answer_joint", "answer_mean", "last"]),
+    mode=st.sampled_from(MODES),
     dtype=st.sampled_from([torch.float32, torch.float64]),
     weight_scale=st.sampled_from([1e-3, 1.0, 30.0]),
     left_pad=st.booleans(),

@@ -12,6 +12,7 @@ import torch
 import oar_kernels as ok
 from oar_kernels import _extension, logprobs, reshape
 from oar_kernels.logprobs import token_logprobs_reference
+from oar_kernels.loss import LOSS_TYPES
 from tests.helpers import assert_verbose_allclose, triton_device_or_skip
 
 DEFAULTS = dict(tau=0.25, beta=1.0, floor=0.1, preserve_mass=True)
@@ -199,7 +200,7 @@ def _loss_and_grads(hidden, weight, targets, mask, adv, old, ref, loss_type):
     return out.loss.detach(), metrics, leaves[0].grad, leaves[1].grad
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("poison", [float("nan"), float("inf"), -1e30])
 def test_grpo_loss_ignores_whatever_padding_holds(loss_type, poison):
     hidden, weight, targets, mask, adv, old, ref = _loss_problem()
