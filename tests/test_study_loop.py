@@ -43,6 +43,20 @@ def test_study_runs_log_faithfulness_and_finished_runs_are_reused(cache, tmp_pat
     assert metrics.stat().st_mtime_ns == mtime
     only = study.run(out, train_missing=False, **{**kwargs, "seeds": 3})
     assert set(only[2]["grpo"]) == {0, 1}  # seed 2 was never run: left out, not trained
+    # The same directory asked for another configuration: an error naming the field, not
+    # the old runs tabulated as the new ones; presentation-only fields do not count.
+    with pytest.raises(study.StudyError, match=r"warmup_updates=10 \(asked 3\)"):
+        study.run(out, warmup_updates=3, **kwargs)
+    study.run(out, train_missing=False, **{**kwargs, "heatmap_samples": 1})
+
+
+def test_cli_study_on_a_directory_of_other_runs_is_a_usage_error(cache, tmp_path, capsys):
+    out = tmp_path / "study"
+    kwargs = dict(arms=("grpo",), fillers=(2,), seeds=1, steps=1, **TINY)
+    study.run(out, **kwargs)
+    flags = ["study", "--out", str(out), "--arms", "grpo", "--fillers", "2", "--seeds", "1"]
+    assert cli.main([*flags, "--steps", "1", "--no-progress"]) == 2  # the defaults differ
+    assert "holds a finished run of another configuration" in capsys.readouterr().err
 
 
 def test_cli_study_refuses_unknown_arms(capsys):

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from oar_kernels.grpo import stats, viz
-from oar_kernels.grpo.config import TrainConfig
+from oar_kernels.grpo.config import ConfigError, TrainConfig
 from oar_kernels.grpo.loop import METRICS, read_jsonl, train
 
 # Each arm: a method and the settings that make it (the rest is TrainConfig's defaults).
@@ -55,9 +55,32 @@ def run_config(arm: str, fillers: int, seed: int, steps: int, out: Path, **overr
     )
 
 
-def finished(out_dir: Path, steps: int) -> bool:
+# Fields that change how a run is shown or saved, not what it computes: a finished run is
+# reused whatever they were.
+PRESENTATION = ("progress", "heatmap_samples", "checkpoint_every", "out_dir")
+
+
+class StudyError(ConfigError):
+    """The study's directory holds a finished run that is not the one the study asks for."""
+
+
+def finished(config: TrainConfig) -> bool:
+    """Whether the run `config` asks for has finished in its out_dir. A finished run of any
+    other configuration there (an older default, another lr) is a StudyError, not reused:
+    its figures would enter the table as those of the asked-for run."""
+    out_dir = Path(config.out_dir)
     records = read_jsonl(out_dir / METRICS) if (out_dir / METRICS).exists() else []
-    return any(r.get("step") == steps and "eval_accuracy" in r for r in records)
+    if not any(r.get("step") == config.steps and "eval_accuracy" in r for r in records):
+        return False
+    ran, asked = TrainConfig.of_run(out_dir).to_dict(), config.to_dict()
+    differs = [k for k in asked if k not in PRESENTATION and ran[k] != asked[k]]
+    if differs:
+        changes = ", ".join(f"{k}={ran[k]!r} (asked {asked[k]!r})" for k in differs)
+        raise StudyError(
+            f"{out_dir} holds a finished run of another configuration: {changes}; "
+            "give the study a fresh --out, or move that run away to rerun it"
+        )
+    return True
 
 
 def summarise_run(out_dir: Path) -> dict:
@@ -146,7 +169,7 @@ def run(
             for arm in arms:
                 config = run_config(arm, count, seed, steps, out, progress=progress, **overrides)
                 run_dir = Path(config.out_dir)
-                if not finished(run_dir, steps):
+                if not finished(config):
                     if not train_missing:
                         continue
                     train(config, overwrite=True)
