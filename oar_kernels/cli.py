@@ -163,6 +163,13 @@ def _add_study_parser(commands, name, help):
     study.add_argument(
         "--fillers", type=_counts, help="comma-separated filler counts F (default: the preset's)"
     )
+    study.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="runs trained at once, each in its own process on an equal share of the cores "
+        "(2 on 2 cores: one torch thread each, as docs/study/DESIGN.md runs them)",
+    )
     study.add_argument("--no-progress", dest="progress", action="store_false")
     study.add_argument(
         "--tabulate-only",
@@ -234,6 +241,7 @@ def _dispatch(args) -> int:
             steps=args.steps,
             progress=args.progress,
             train_missing=not args.tabulate_only,
+            workers=args.workers,
         )
     elif args.command == "viz":
         from oar_kernels.grpo import viz

@@ -63,3 +63,26 @@ def test_cli_study_refuses_unknown_arms(capsys):
     with pytest.raises(SystemExit):
         cli.main(["study", "--arms", "grpo,ppo"])
     assert "must come from" in capsys.readouterr().err
+
+
+def test_runs_trained_in_worker_processes_equal_runs_trained_in_process(cache, tmp_path):
+    import torch
+
+    kwargs = dict(arms=("grpo", "oar-g"), fillers=(2,), seeds=1, steps=2, **TINY)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(study.worker_threads(2))  # the workers' count: same float sums
+    try:
+        serial = study.run(tmp_path / "serial", **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    parallel = study.run(tmp_path / "parallel", workers=2, **kwargs)
+    assert parallel == serial
+    for arm in kwargs["arms"]:
+        runs = [tmp_path / way / "F2" / f"{arm}-seed0" / METRICS for way in ("serial", "parallel")]
+        drop = ("rollout_s", "advantage_s", "update_s")
+        serial_lines, parallel_lines = (
+            [{k: v for k, v in r.items() if k not in drop} for r in read_jsonl(p)] for p in runs
+        )
+        assert serial_lines == parallel_lines and len(serial_lines) == 3
+    with pytest.raises(ValueError, match="workers must be an int >= 1"):
+        study.run(tmp_path / "x", workers=0, **kwargs)

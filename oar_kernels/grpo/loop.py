@@ -158,15 +158,7 @@ class Trainer:
         """The warm-started policy, optimizer and rollouts; restored from `saved` if given."""
         config = self.config
         self.tokenizer = build_tokenizer()
-        spec = policy.ModelSpec(hidden_size=config.hidden_size, num_layers=config.num_layers)
-        warm = policy.WarmStart(
-            target_accuracy=config.warm_start_accuracy,
-            max_steps=config.warm_start_max_steps,
-            digits=config.digits,
-            fillers=config.filler_count,
-        )
-        model = policy.warm_started_model(self.tokenizer, spec, warm, progress=config.progress)
-        self.model = model.to(self.device)
+        self.model = warm_start(config, self.tokenizer).to(self.device)
         self.reference = None
         if config.kl_beta > 0:
             self.reference = copy.deepcopy(self.model).requires_grad_(False)
@@ -514,6 +506,20 @@ class Trainer:
                 }
             )
         return samples
+
+
+def warm_start(config: TrainConfig, tokenizer=None):
+    """The supervised warm start `config`'s runs begin from (on the CPU, trained once and
+    then read from the cache): the policy of step 0."""
+    spec = policy.ModelSpec(hidden_size=config.hidden_size, num_layers=config.num_layers)
+    warm = policy.WarmStart(
+        target_accuracy=config.warm_start_accuracy,
+        max_steps=config.warm_start_max_steps,
+        digits=config.digits,
+        fillers=config.filler_count,
+    )
+    tokenizer = tokenizer or build_tokenizer()
+    return policy.warm_started_model(tokenizer, spec, warm, progress=config.progress)
 
 
 def _warmed_lr(config: TrainConfig, update: int) -> float:

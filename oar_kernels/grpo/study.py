@@ -8,14 +8,20 @@ stopped study continues where it stopped. The table is rewritten after every run
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import multiprocessing
+import os
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+
+import torch
 
 from oar_kernels.grpo import stats, viz
 from oar_kernels.grpo.config import ConfigError, TrainConfig
-from oar_kernels.grpo.loop import METRICS, read_jsonl, train
+from oar_kernels.grpo.loop import METRICS, read_jsonl, train, warm_start
 
 # Each arm: a method and the settings that make it (the rest is TrainConfig's defaults).
 # "-authors" are the released code's defaults: OAR-P with the KL at the first answer
@@ -151,32 +157,88 @@ def run(
     steps: int = 30,
     progress: bool = True,
     train_missing: bool = True,
+    workers: int = 1,
     **overrides,
 ) -> dict:
     """Run (or continue) the study; writes results.md/.json and the pictures under out_dir.
 
     train_missing=False only tabulates the runs already finished (those of processes that
-    ran disjoint parts of the study into one out_dir, say) and trains nothing.
+    ran disjoint parts of the study into one out_dir, say) and trains nothing. workers > 1
+    trains that many runs at once, each in its own process with `worker_threads(workers)`
+    torch threads. A run's figures depend on its thread count (CPU float sums do), not on
+    which runs train beside it.
     """
     out = Path(out_dir)
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; arms are {', '.join(ARMS)}")
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     began = time.perf_counter()
-    summaries: dict[int, dict[str, dict[int, dict]]] = {f: {a: {} for a in arms} for f in fillers}
-    for seed in range(first_seed, first_seed + seeds):
-        for count in fillers:
-            for arm in arms:
-                config = run_config(arm, count, seed, steps, out, progress=progress, **overrides)
-                run_dir = Path(config.out_dir)
-                if not finished(config):
-                    if not train_missing:
-                        continue
-                    train(config, overwrite=True)
-                summaries[count][arm][seed] = summarise_run(run_dir)
-                _write_results(out, summaries, began)
+    plan = {
+        (count, arm, seed): run_config(arm, count, seed, steps, out, progress=progress, **overrides)
+        for seed in range(first_seed, first_seed + seeds)
+        for count in fillers
+        for arm in arms
+    }
+    todo = [c for c in plan.values() if not finished(c)] if train_missing else []
+
+    def tabulate() -> dict[int, dict[str, dict[int, dict]]]:
+        summaries: dict = {f: {a: {} for a in arms} for f in fillers}
+        for (count, arm, seed), config in plan.items():
+            if finished(config):
+                summaries[count][arm][seed] = summarise_run(Path(config.out_dir))
+        return summaries
+
+    for _ in _train_runs(todo, workers):
+        _write_results(out, tabulate(), began)
+    summaries = tabulate()
+    _write_results(out, summaries, began)
     _write_pictures(out, summaries)
     return summaries
+
+
+def _train_runs(configs: list[TrainConfig], workers: int):
+    """Train `configs` (replacing any unfinished run in their out_dirs), yielding each as
+    it finishes; with workers > 1, in that many processes at once."""
+    if workers == 1 or len(configs) <= 1:
+        for config in configs:
+            train(config, overwrite=True)
+            yield config
+        return
+    from tqdm.auto import tqdm
+
+    # Every warm start a run needs, trained here once, not by several workers at a time.
+    for count in sorted({c.filler_count for c in configs}):
+        warm_start(next(c for c in configs if c.filler_count == count))
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=torch.set_num_threads,
+        initargs=(worker_threads(workers),),
+    )
+    progress = configs[0].progress
+    try:
+        # Per-run bars of several processes would interleave: one bar over the runs.
+        quiet = [dataclasses.replace(c, progress=False) for c in configs]
+        jobs = {pool.submit(train, config, overwrite=True): config for config in quiet}
+        bar = tqdm(total=len(jobs), desc=f"runs ({workers} at a time)", disable=not progress)
+        with bar:
+            for job in as_completed(jobs):
+                job.result()  # a failed run stops the study with its error
+                config = jobs[job]
+                bar.set_postfix_str(f"done F{config.filler_count} {Path(config.out_dir).name}")
+                bar.update()
+                yield config
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def worker_threads(workers: int) -> int:
+    """Torch threads of each of `workers` processes: an equal share of the cores this
+    process may use, at least one."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // workers)
 
 
 def _write_results(out: Path, summaries: dict, began: float) -> None:
