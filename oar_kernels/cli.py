@@ -117,23 +117,44 @@ def _add_train_parser(commands, name, help):
 
 
 def _add_demo_parser(commands, name, help):
+    from oar_kernels.grpo import demo as defaults
+    from oar_kernels.grpo.study import ARMS
+
     demo = commands.add_parser(name, help=help)
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     demo.add_argument(
         "--seeds",
         type=_positive_int,
-        default=3,
-        help="seeds 0 to N-1 of every method; each seed fixes a run's prompts and samples "
-        "(default 3)",
+        default=defaults.SEEDS,
+        help="seeds 0 to N-1 of every arm; each seed fixes a run's prompts and samples "
+        f"(default {defaults.SEEDS})",
     )
     demo.add_argument(
-        "--steps", type=_positive_int, default=30, help="optimizer steps of every run (default 30)"
+        "--steps",
+        type=_positive_int,
+        default=defaults.STEPS,
+        help=f"optimizer steps of every run (default {defaults.STEPS})",
     )
     demo.add_argument(
+        "--arms",
         "--methods",
-        type=_methods,
-        default=("grpo", "oar-g"),
-        help="comma-separated, from grpo,oar-g,oar-p (default grpo,oar-g)",
+        type=_names(tuple(ARMS)),
+        default=defaults.ARMS,
+        help=f"comma-separated, from {','.join(ARMS)} (default {','.join(defaults.ARMS)})",
+    )
+    demo.add_argument(
+        "--fillers",
+        type=_non_negative_int,
+        default=defaults.FILLERS,
+        help="filler letters before each step; 0 is the plain addition task "
+        f"(default {defaults.FILLERS})",
+    )
+    demo.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        help="runs trained at once, each in its own process (default: one per core, at most "
+        "the number of runs; 1 with CUDA)",
     )
     demo.add_argument(
         "--no-progress", dest="progress", action="store_false", help="no progress bars"
@@ -223,9 +244,11 @@ def _dispatch(args) -> int:
 
         demo.run(
             args.out,
-            methods=args.methods,
+            arms=args.arms,
+            fillers=args.fillers,
             seeds=args.seeds,
             steps=args.steps,
+            workers=args.workers,
             progress=args.progress,
         )
     elif args.command == "study":
@@ -263,12 +286,6 @@ def _names(allowed: tuple[str, ...]):
     return parse
 
 
-def _methods(text: str) -> tuple[str, ...]:
-    from oar_kernels.grpo.config import METHODS
-
-    return _names(METHODS)(text)
-
-
 def _counts(text: str) -> tuple[int, ...]:
     try:
         counts = tuple(int(c) for c in text.split(",") if c.strip())
@@ -280,9 +297,17 @@ def _counts(text: str) -> tuple[int, ...]:
 
 
 def _positive_int(text: str) -> int:
+    return _int_from(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _int_from(text, 0)
+
+
+def _int_from(text: str, low: int) -> int:
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
     return value
 
 

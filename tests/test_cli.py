@@ -64,7 +64,8 @@ def test_train_help_describes_every_flag_with_its_choices_and_default(capsys):
 
 def test_demo_help_describes_seeds_and_steps(capsys):
     text = help_of(["demo"], capsys)
-    assert "--seeds SEEDS seeds 0 to N-1 of every method" in text
+    assert "--seeds SEEDS seeds 0 to N-1 of every arm" in text
+    assert "--fillers FILLERS filler letters before each step" in text
     assert "--steps STEPS optimizer steps of every run (default 30)" in text
 
 

@@ -10,13 +10,12 @@ import pytest
 import torch
 
 from oar_kernels import cli
-from oar_kernels.grpo import demo
+from oar_kernels.grpo import demo, study
 from oar_kernels.grpo.config import ConfigError, TrainConfig
 from oar_kernels.grpo.loop import (
     CHECKPOINT,
     METRICS,
     SAMPLES,
-    RunResult,
     Trainer,
     group_advantages,
     read_jsonl,
@@ -241,27 +240,42 @@ def test_cli_exit_codes_in_a_real_process(cache, tmp_path):
 def test_cli_demo_writes_table_metrics_and_pictures(cache, tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--seeds", "2", "--steps", "1", "--no-progress"]
-    code = cli.main([*argv, "--methods", "grpo,oar-g"])
+    # The plain task (F = 0), whose warm start the other tests share; two worker processes.
+    code = cli.main([*argv, "--arms", "grpo,oar-g", "--fillers", "0", "--workers", "2"])
     assert code == 0
-    assert "| oar-g | 2 |" in (out / "results.md").read_text()
+    table = (out / "results.md").read_text()
+    assert "| 0 | grpo | 2 |" in table and "| 0 | oar-g | 2 |" in table
     results = json.loads((out / "results.json").read_text())
-    assert sorted(results) == ["grpo", "oar-g"] and len(results["grpo"]) == 2
+    assert sorted(results["0"]) == ["grpo", "oar-g"] and sorted(results["0"]["grpo"]) == ["0", "1"]
     for run in ("grpo-seed0", "grpo-seed1", "oar-g-seed0", "oar-g-seed1"):
-        assert len(read_jsonl(out / run / METRICS)) == 2
-    html = (out / "heatmap.html").read_text()
+        assert len(read_jsonl(out / "F0" / run / METRICS)) == 2
+    html = (out / "F0" / "heatmap.html").read_text()
     assert html.count("<section class='completion") == 6  # heatmap_samples
     if importlib.util.find_spec("matplotlib"):
-        assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
-        assert (out / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
-    assert "held-out accuracy" in capsys.readouterr().out.lower()
+        assert (out / "F0" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+        assert (out / "F0" / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    assert "2 arms x 2 seeds at F = 0, 1 steps" in capsys.readouterr().out
+    # A demo starts afresh: its finished runs are trained again, not tabulated as they were.
+    metrics = out / "F0" / "grpo-seed0" / METRICS
+    mtime = metrics.stat().st_mtime_ns
+    demo.run(out, arms=("grpo",), fillers=0, seeds=1, steps=1, workers=1, progress=False)
+    assert metrics.stat().st_mtime_ns != mtime
 
 
-def test_results_table_pairs_seeds_against_grpo(tmp_path):
-    runs = {
-        "grpo": [RunResult(tmp_path, 5, 0.5, v, 0.8, 0.9) for v in (0.6, 0.7, 0.8)],
-        "oar-g": [RunResult(tmp_path, 5, 0.5, v, 0.8, 0.9) for v in (0.7, 0.7, 0.7)],
+def test_results_table_pairs_seeds_against_grpo():
+    def run(auc):
+        return {"auc": auc, "final": auc, **dict.fromkeys(study.FAITHFULNESS, 0.5)}
+
+    summaries = {
+        24: {
+            "grpo": {s: run(v) for s, v in enumerate((0.5, 0.6, 0.7))},
+            "oar-g": {s: run(0.7) for s in range(3)},
+        }
     }
-    table = demo.results_table(runs)
-    row = "| grpo | 3 | 0.500 | 0.700 ± 0.100 | 0.600, 0.700, 0.800 | — | 0.900 ± 0.000 |"
-    assert row in table
-    assert "0.000 ± 0.100 (1/3 seeds better)" in table
+    table = study.results_table(summaries)
+    ci = "0.600 [0.352, 0.848]"
+    assert f"| 24 | grpo | 3 | {ci} | {ci} | — | — | — | — | 0.500 | 0.500 | 0.500 |" in table
+    # oar-g - grpo per seed: +0.2, +0.1, 0: t interval 0.1 ± 4.303 * 0.1 / sqrt(3); half of
+    # the 8 sign patterns reach |mean| >= 0.1 (the 0 flips to itself): p = 0.5
+    assert "| 24 | oar-g | 3 | 0.700 [0.700, 0.700] |" in table
+    assert "| +0.100 [-0.148, +0.348] | 0.500 | 2/3 | +1.00 |" in table

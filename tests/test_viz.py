@@ -228,3 +228,13 @@ def test_a_browser_lays_each_completion_out_in_a_few_lines(tmp_path):
     # ~95 characters a completion at ~9 px a character in a 60-em column: 1 to 3 lines (each
     # token on its own line would make ~95)
     assert all(0.9 < lines < 3.5 for lines in measured["lines"]), measured
+
+
+def test_every_study_arm_and_method_has_its_own_colour_and_dashes():
+    from oar_kernels.grpo.config import METHODS
+    from oar_kernels.grpo.study import ARMS
+
+    styles = {arm: viz._style(arm) for arm in {*ARMS, *METHODS}}
+    assert all(style["color"] for style in styles.values())
+    assert len({(s["color"], s["linestyle"]) for s in styles.values()}) == len(styles)
+    assert styles["oar-g-shuffled"]["color"] == styles["oar-g"]["color"]  # a control: dashed

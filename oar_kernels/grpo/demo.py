@@ -1,100 +1,69 @@
-"""`oar-kernels demo`: GRPO vs OAR on the embedded task, several seeds at equal steps.
+"""`oar-kernels demo`: the README's main job, a small cut of the filler study.
 
-Every run starts from the same cached warm start and sees the same held-out problems; a
-seed fixes its prompts and samples. The table answers the research question as measured:
-the held-out accuracy (greedy) after `steps` steps, mean and spread over seeds, and each
-OAR method's paired difference to GRPO.
+GRPO, OAR-G and its shuffled control on the filler task (F = 24 filler letters before each
+step, which cannot change the answer: the case where credit assignment should matter),
+3 seeds of 30 steps, two runs at a time on a 2-core machine: about a quarter hour. It is
+`study.run` on those arms (docs/study/DESIGN.md): the same runs, the same table (AUC and
+final held-out pass@1 with 95% t intervals, paired differences to GRPO with the exact
+sign-flip p, filler weight share, first-departure percentile, ESS), the same pictures. Three
+seeds detect only large effects; the study preset runs the full design.
 """
 
 from __future__ import annotations
 
-import json
-import statistics
+import os
 import time
 from pathlib import Path
 
-from oar_kernels.grpo import viz
-from oar_kernels.grpo.config import TrainConfig
-from oar_kernels.grpo.loop import RunResult, train
+from oar_kernels.grpo import study
+
+ARMS = ("grpo", "oar-g", "oar-g-shuffled")
+FILLERS = 24
+SEEDS = 3
+STEPS = 30
 
 
-def _spread(values: list[float]) -> str:
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.3f} ± {std:.3f}"
+def default_workers(runs: int) -> int:
+    """One run per core on a CPU machine (at most `runs`); one at a time with CUDA."""
+    import torch
 
-
-def results_table(results: dict[str, list[RunResult]]) -> str:
-    """Markdown: per method the held-out sampled pass@1 at the start and after the last step
-    (mean ± std over seeds), each OAR method's paired (same seed) difference to GRPO, and
-    the final greedy accuracy."""
-    lines = [
-        "| method | seeds | start pass@1 | final pass@1 (mean ± std) | per seed | vs grpo "
-        "(paired) | final greedy |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    baseline = results.get("grpo")
-    for method, runs in results.items():
-        finals = [r.final_accuracy for r in runs]
-        paired = "—"
-        if baseline is not None and method != "grpo":
-            diffs = [r.final_accuracy - b.final_accuracy for r, b in zip(runs, baseline)]
-            paired = f"{_spread(diffs)} ({sum(d > 0 for d in diffs)}/{len(diffs)} seeds better)"
-        lines.append(
-            f"| {method} | {len(runs)} | {runs[0].start_accuracy:.3f} | {_spread(finals)} | "
-            f"{', '.join(f'{v:.3f}' for v in finals)} | {paired} | "
-            f"{_spread([r.final_greedy for r in runs])} |"
-        )
-    return "\n".join(lines)
+    if torch.cuda.is_available():
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(runs, cores or 1))
 
 
 def run(
     out_dir: str | Path = "runs/demo",
     *,
-    methods: tuple[str, ...] = ("grpo", "oar-g"),
-    seeds: int = 3,
-    steps: int = 30,
+    arms: tuple[str, ...] = ARMS,
+    fillers: int = FILLERS,
+    seeds: int = SEEDS,
+    steps: int = STEPS,
+    workers: int | None = None,
     progress: bool = True,
     **overrides,
-) -> dict[str, list[RunResult]]:
-    """Train every method on every seed, then write results.md/.json and the pictures."""
+) -> dict:
+    """Train every arm on every seed afresh (runs left in out_dir are replaced), then
+    write results.md/.json and the pictures; returns the study's summaries."""
     out_dir = Path(out_dir)
+    workers = default_workers(len(arms) * seeds) if workers is None else workers
     began = time.perf_counter()
-    results: dict[str, list[RunResult]] = {m: [] for m in methods}
-    for seed in range(seeds):
-        for method in methods:
-            config = TrainConfig.from_dict(
-                {
-                    "method": method,
-                    "seed": seed,
-                    "steps": steps,
-                    "out_dir": str(out_dir / f"{method}-seed{seed}"),
-                    "progress": progress,
-                    **overrides,
-                }
-            )
-            results[method].append(train(config, overwrite=True))  # a demo reruns
-    table = results_table(results)
+    summaries = study.run(
+        out_dir,
+        arms=arms,
+        fillers=(fillers,),
+        seeds=seeds,
+        steps=steps,
+        progress=progress,
+        workers=workers,
+        rerun=True,
+        **overrides,
+    )
     minutes = (time.perf_counter() - began) / 60
-    header = (
-        f"Held-out accuracy ({TrainConfig.eval_size} problems; pass@1 over "
-        f"{TrainConfig.eval_samples} samples each at the training temperature, and greedy) "
-        f"after {steps} steps, {seeds} seeds, {minutes:.1f} min in all."
+    print(
+        f"{len(arms)} arms x {seeds} seeds at F = {fillers}, {steps} steps: {minutes:.1f} min "
+        f"({workers} at a time); wrote {out_dir / 'results.md'} and the pictures in "
+        f"{out_dir / f'F{fillers}'}"
     )
-    (out_dir / "results.md").write_text(f"{header}\n\n{table}\n")
-    (out_dir / "results.json").write_text(
-        json.dumps(
-            {
-                m: [
-                    {"seed": s, **{k: v for k, v in vars(r).items() if k != "out_dir"}}
-                    for s, r in enumerate(rs)
-                ]
-                for m, rs in results.items()
-            },
-            indent=1,
-        )
-    )
-    written = viz.render([r.out_dir for rs in results.values() for r in rs], out_dir)
-    print(f"\n{header}\n\n{table}\n")
-    print("wrote " + ", ".join(str(p) for p in [out_dir / "results.md", *written]))
-    return results
+    return summaries

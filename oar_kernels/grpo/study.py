@@ -157,13 +157,15 @@ def run(
     steps: int = 30,
     progress: bool = True,
     train_missing: bool = True,
+    rerun: bool = False,
     workers: int = 1,
     **overrides,
 ) -> dict:
     """Run (or continue) the study; writes results.md/.json and the pictures under out_dir.
 
     train_missing=False only tabulates the runs already finished (those of processes that
-    ran disjoint parts of the study into one out_dir, say) and trains nothing. workers > 1
+    ran disjoint parts of the study into one out_dir, say) and trains nothing; rerun=True
+    trains every run afresh, finished or not (the demo's way). workers > 1
     trains that many runs at once, each in its own process with `worker_threads(workers)`
     torch threads. A run's figures depend on its thread count (CPU float sums do), not on
     which runs train beside it.
@@ -181,16 +183,20 @@ def run(
         for count in fillers
         for arm in arms
     }
-    todo = [c for c in plan.values() if not finished(c)] if train_missing else []
+    todo = [c for c in plan.values() if rerun or not finished(c)] if train_missing else []
+
+    trained = set()
 
     def tabulate() -> dict[int, dict[str, dict[int, dict]]]:
         summaries: dict = {f: {a: {} for a in arms} for f in fillers}
         for (count, arm, seed), config in plan.items():
-            if finished(config):
+            stale = rerun and config.out_dir not in trained  # to be replaced, not shown
+            if not stale and finished(config):
                 summaries[count][arm][seed] = summarise_run(Path(config.out_dir))
         return summaries
 
-    for _ in _train_runs(todo, workers):
+    for config in _train_runs(todo, workers):
+        trained.add(config.out_dir)
         _write_results(out, tabulate(), began)
     summaries = tabulate()
     _write_results(out, summaries, began)

@@ -17,7 +17,23 @@ from types import SimpleNamespace
 from oar_kernels.grpo import loop, task
 from oar_kernels.grpo.loop import METRICS, SAMPLES, read_jsonl
 
-COLORS = {"grpo": "#4c72b0", "oar-g": "#dd8452", "oar-p": "#55a868"}
+COLORS = {
+    "grpo": "#4c72b0",
+    "oar-g": "#dd8452",
+    "oar-p": "#55a868",
+    "oar-g-authors": "#8c564b",
+    "oar-p-authors": "#17becf",
+}
+# A control is drawn in its method's colour with its own dashes.
+DASHES = {"shuffled": "--", "inverted": ":"}
+
+
+def _style(label: str) -> dict:
+    """Colour and line style of an arm: its own, or its method's dashed for a control."""
+    method, _, control = label.rpartition("-")
+    if control in DASHES and method in COLORS:
+        return {"color": COLORS[method], "linestyle": DASHES[control]}
+    return {"color": COLORS.get(label), "linestyle": "-"}
 CONFIG = "config.yaml"
 WRAP = 112  # character cells per heatmap.png line: a plain-task completion fits one
 CELL_INCHES = 0.085  # a cell's width: a 9 pt monospace glyph's (5.4 pt) and a little air
@@ -104,7 +120,7 @@ def plot_curves(runs: list[dict], path: Path) -> bool:
     for run in runs:
         by_method.setdefault(_label(run), []).append(run)
     for method, group in by_method.items():
-        color = COLORS.get(method)
+        style = _style(method)
         rewards, evals = [], []
         for run in group:
             trained = [r for r in run["metrics"] if "reward" in r]
@@ -119,10 +135,10 @@ def plot_curves(runs: list[dict], path: Path) -> bool:
             if not series:
                 continue
             for points in series if len(series) > 1 else ():
-                ax.plot(*zip(*points), color=color, lw=0.7, alpha=0.5)
+                ax.plot(*zip(*points), **style, lw=0.7, alpha=0.5)
             ax.plot(
                 *_seed_mean(series),
-                color=color,
+                **style,
                 lw=2.5 if len(series) > 1 else 1.5,
                 marker="." if len(series[0]) < 3 else None,
                 label=label,
