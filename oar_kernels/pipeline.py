@@ -12,8 +12,11 @@ from oar_kernels.importance.batch import require_finite_scores
 from oar_kernels.importance.causal_lm import clean_sequence_logprobs
 from oar_kernels.importance.gradient import GRADIENT_OVERFLOW, NOISE_STD, run_gradient_importance
 from oar_kernels.importance.perturbation import perturbation_importance
+from oar_kernels.importance.variants import DEFAULT_TOP_K, hybrid_importance
 
-METHODS = ("gradient", "perturbation")
+METHODS = ("gradient", "perturbation", "hybrid")
+# The methods that run counterfactuals: they need a mask_token_id.
+COUNTERFACTUAL = ("perturbation", "hybrid")
 
 
 @dataclass
@@ -42,6 +45,9 @@ def oar_advantages(
     beta: float = reshape.BETA,
     floor: float = reshape.FLOOR,
     preserve_mass: bool = True,
+    stride: int = 1,
+    segments: torch.Tensor | None = None,
+    top_k: int | None = None,
 ) -> OARAdvantages:
     """Importance, Bi-Level weights, per-token advantages and old logprobs for a GRPO batch.
 
@@ -52,7 +58,12 @@ def oar_advantages(
     NOISE_STD (1e-3) in the KL modes, whose clean forward gives the old logprobs. This is the
     one place that picks the default: the TRL and verl adapters pass None.
     method="perturbation" (OAR-P) needs mask_token_id; its old logprobs come from one extra
-    clean forward of the batch.
+    clean forward of the batch. Its opt-in approximations: stride (score every k-th scored
+    token, fill the rest) and segments (mask a span at once), as in
+    `perturbation_importance`. method="hybrid" (opt-in): OAR-G ranks each row's scored
+    tokens and exact OAR-P scores its top_k (default DEFAULT_TOP_K), the rest get a fallback
+    below them (`importance.variants.hybrid_importance`); it needs mask_token_id, noise_std
+    None is NOISE_STD for its ranking, and its old logprobs come from a clean forward.
     advantages: [B] (GRPO's per-sequence advantages) or [B, T]. Other arguments as in
     `gradient_importance`, `perturbation_importance` and `reshape_advantages`. B = 0 or T = 0
     gives empty [B, T] fields.
@@ -67,9 +78,10 @@ def oar_advantages(
     if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
         reshape.check_advantages(advantages, input_ids, like_name="input_ids")
         require_finite("advantages", advantages)
+    _check_variant_options(method, stride, segments, top_k)
+    if method in COUNTERFACTUAL and mask_token_id is None:
+        raise ValueError(f"method={method!r} needs mask_token_id")
     if method == "perturbation":
-        if mask_token_id is None:
-            raise ValueError('method="perturbation" needs mask_token_id')
         budget = {} if max_batch_tokens is None else {"max_batch_tokens": max_batch_tokens}
         scores = perturbation_importance(
             model,
@@ -79,7 +91,27 @@ def oar_advantages(
             answer_mask,
             mode=mode,
             mask_token_id=mask_token_id,
+            stride=stride,
+            segments=segments,
             **budget,
+        )
+        old_logprobs = clean_sequence_logprobs(model, input_ids, attention_mask)
+    elif method == "hybrid":
+        if max_batch_tokens is not None:
+            raise ValueError(
+                'method="hybrid" sizes its micro-batches by memory: max_batch_tokens must be None'
+            )
+        scores = hybrid_importance(
+            model,
+            input_ids,
+            attention_mask,
+            score_mask,
+            answer_mask,
+            mode=mode,
+            mask_token_id=mask_token_id,
+            k=DEFAULT_TOP_K if top_k is None else top_k,
+            noise_std=NOISE_STD if noise_std is None else noise_std,
+            generator=generator,
         )
         old_logprobs = clean_sequence_logprobs(model, input_ids, attention_mask)
     else:
@@ -112,6 +144,20 @@ def oar_advantages(
     weighted = reshape.weigh_advantages(advantages.detach(), weights, check_finite=False)
     _require_finite_outputs(scores, weights, weighted, advantages)
     return OARAdvantages(weighted, scores, weights, old_logprobs)
+
+
+def _check_variant_options(method, stride, segments, top_k) -> None:
+    """The variant options belong to one method each: given to another, a ValueError."""
+    given = {
+        "stride": stride != 1,
+        "segments": segments is not None,
+        "top_k": top_k is not None,
+    }
+    owner = {"stride": "perturbation", "segments": "perturbation", "top_k": "hybrid"}
+    wrong = [name for name, set_ in given.items() if set_ and owner[name] != method]
+    if wrong:
+        owners = ", ".join(f"{name} with method={owner[name]!r}" for name in wrong)
+        raise ValueError(f"{owners} only; got method={method!r}")
 
 
 def _require_finite_outputs(scores, weights, weighted, advantages) -> None:

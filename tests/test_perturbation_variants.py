@@ -268,3 +268,126 @@ def _bad_calls():
 @pytest.mark.parametrize("case", _bad_calls(), ids=lambda c: c[0])
 def test_bad_arguments_raise_clear_errors(case):
     check_bad_call(case)
+
+
+def test_oar_advantages_takes_the_variants_and_reshapes_their_scores():
+    model = tiny_causal_lm("llama").double()
+    ids, attn, score, answer, _, _ = ragged_rollouts(seed=13, left_pad=True)
+    advantages = torch.linspace(-1.0, 1.0, ids.shape[0], dtype=torch.float64)
+    windows = window_segments(score, 3)
+    calls = {
+        "stride": (
+            dict(method="perturbation", stride=2),
+            lambda: ok.perturbation_importance(
+                model,
+                ids,
+                attn,
+                score,
+                answer,
+                mode="answer_joint",
+                mask_token_id=MASK_ID,
+                stride=2,
+            ),
+        ),
+        "segments": (
+            dict(method="perturbation", segments=windows),
+            lambda: ok.perturbation_importance(
+                model,
+                ids,
+                attn,
+                score,
+                answer,
+                mode="answer_joint",
+                mask_token_id=MASK_ID,
+                segments=windows,
+            ),
+        ),
+        "hybrid": (
+            dict(method="hybrid", top_k=2),
+            lambda: hybrid_importance(
+                model,
+                ids,
+                attn,
+                score,
+                answer,
+                mode="answer_joint",
+                mask_token_id=MASK_ID,
+                k=2,
+                generator=torch.Generator().manual_seed(5),
+            ),
+        ),
+    }
+    for name, (options, scores_of) in calls.items():
+        got = ok.oar_advantages(
+            model,
+            ids,
+            attn,
+            score,
+            answer,
+            advantages,
+            mask_token_id=MASK_ID,
+            generator=torch.Generator().manual_seed(5),
+            **options,
+        )
+        want = scores_of()
+        assert torch.equal(got.scores, want), name
+        weights = ok.bilevel_weights(want, score)
+        assert torch.equal(got.weights, weights), name
+        assert_verbose_allclose(
+            got.advantages, advantages[:, None].float() * weights, rtol=1e-6, atol=1e-7
+        )
+        clean = ok.oar_advantages(
+            model,
+            ids,
+            attn,
+            score,
+            answer,
+            advantages,
+            method="perturbation",
+            mask_token_id=MASK_ID,
+        )
+        assert torch.equal(got.old_logprobs, clean.old_logprobs), name
+    assert not torch.equal(
+        ok.oar_advantages(
+            model,
+            ids,
+            attn,
+            score,
+            answer,
+            advantages,
+            method="hybrid",
+            mask_token_id=MASK_ID,
+            top_k=1,
+        ).scores,
+        ok.oar_advantages(
+            model,
+            ids,
+            attn,
+            score,
+            answer,
+            advantages,
+            method="hybrid",
+            mask_token_id=MASK_ID,
+            top_k=3,
+        ).scores,
+    )  # top_k reaches the hybrid
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(method="gradient", stride=2), "stride with method='perturbation' only"),
+        (dict(method="hybrid", segments="windows"), "segments with method='perturbation'"),
+        (dict(method="perturbation", top_k=4), "top_k with method='hybrid' only"),
+        (dict(method="hybrid", mask_token_id=None), "method='hybrid' needs mask_token_id"),
+        (dict(method="hybrid", max_batch_tokens=64), "max_batch_tokens must be None"),
+    ],
+)
+def test_oar_advantages_refuses_variant_options_of_another_method(options, match):
+    model = tiny_causal_lm("llama")
+    ids, attn, score, answer, _, _ = ragged_rollouts(seed=13, left_pad=True)
+    if options.get("segments") == "windows":
+        options["segments"] = window_segments(score, 3)
+    options = {"mask_token_id": MASK_ID, **options}
+    with pytest.raises(ValueError, match=match):
+        ok.oar_advantages(model, ids, attn, score, answer, torch.ones(ids.shape[0]), **options)

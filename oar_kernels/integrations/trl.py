@@ -32,7 +32,9 @@ RESHAPE_KEYS = ("tau", "beta", "floor", "preserve_mass")
 class OARGRPOTrainer(GRPOTrainer):
     """GRPOTrainer with Outcome-grounded Advantage Reshaping.
 
-    oar_method: "gradient" (OAR-G) or "perturbation" (OAR-P, mask token = the pad token).
+    oar_method: "gradient" (OAR-G), "perturbation" (OAR-P, mask token = the pad token) or
+    "hybrid" (OAR-G ranks, OAR-P scores each row's top DEFAULT_TOP_K; opt-in, see
+    oar_advantages).
     oar_mode: outcome functional, "answer_joint", "answer_mean" or "last".
     answer_format: how the answer is found in completions (see `oar_kernels.spans`).
     oar_reshape: keyword arguments of the Bi-Level reshape (tau, beta, floor, preserve_mass).
@@ -180,7 +182,7 @@ class OARGRPOTrainer(GRPOTrainer):
             completion.cpu(),
             answer_format=self.answer_format,
         )
-        perturbation = self.oar_method == "perturbation"
+        counterfactual = self.oar_method in pipeline.COUNTERFACTUAL
         oar = pipeline.oar_advantages(
             self.accelerator.unwrap_model(self.model),
             input_ids,
@@ -190,7 +192,7 @@ class OARGRPOTrainer(GRPOTrainer):
             output["advantages"],
             method=self.oar_method,
             mode=self.oar_mode,
-            mask_token_id=self.processing_class.pad_token_id if perturbation else None,
+            mask_token_id=self.processing_class.pad_token_id if counterfactual else None,
             **self.oar_reshape,
         )
         prompt_width = prompt_mask.shape[1]

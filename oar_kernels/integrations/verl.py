@@ -40,7 +40,8 @@ INSTALL_HINT = 'the OAR verl plugin needs verl 0.9: pip install "oar-kernels[ver
 class OARConfig:
     """The `algorithm.oar` keys.
 
-    method: "gradient" (OAR-G) or "perturbation" (OAR-P).
+    method: "gradient" (OAR-G), "perturbation" (OAR-P) or "hybrid" (OAR-G ranks, OAR-P
+    scores each row's top DEFAULT_TOP_K; opt-in, see `oar_advantages`).
     mode: outcome functional, "answer_joint", "answer_mean" or "last".
     answer_format: how the answer is found in responses (see `oar_kernels.spans`).
     tau, beta, floor, preserve_mass: the Bi-Level reshape (SPEC section 6).
@@ -122,7 +123,7 @@ def _oar_advantages(model, input_ids, attention_mask, score_mask, answer_mask, c
         method=cfg.method,
         mode=cfg.mode,
         noise_std=cfg.noise_std,
-        mask_token_id=mask_id if cfg.method == "perturbation" else None,
+        mask_token_id=mask_id if cfg.method in pipeline.COUNTERFACTUAL else None,
         tau=cfg.tau,
         beta=cfg.beta,
         floor=cfg.floor,
