@@ -81,14 +81,11 @@ def oar_advantages(
     _check_variant_options(method, stride, segments, top_k)
     if method in COUNTERFACTUAL and mask_token_id is None:
         raise ValueError(f"method={method!r} needs mask_token_id")
+    batch = (model, input_ids, attention_mask, score_mask, answer_mask)
     if method == "perturbation":
         budget = {} if max_batch_tokens is None else {"max_batch_tokens": max_batch_tokens}
         scores = perturbation_importance(
-            model,
-            input_ids,
-            attention_mask,
-            score_mask,
-            answer_mask,
+            *batch,
             mode=mode,
             mask_token_id=mask_token_id,
             stride=stride,
@@ -102,11 +99,7 @@ def oar_advantages(
                 'method="hybrid" sizes its micro-batches by memory: max_batch_tokens must be None'
             )
         scores = hybrid_importance(
-            model,
-            input_ids,
-            attention_mask,
-            score_mask,
-            answer_mask,
+            *batch,
             mode=mode,
             mask_token_id=mask_token_id,
             k=DEFAULT_TOP_K if top_k is None else top_k,

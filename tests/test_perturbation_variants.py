@@ -273,104 +273,42 @@ def test_bad_arguments_raise_clear_errors(case):
 def test_oar_advantages_takes_the_variants_and_reshapes_their_scores():
     model = tiny_causal_lm("llama").double()
     ids, attn, score, answer, _, _ = ragged_rollouts(seed=13, left_pad=True)
+    batch = (model, ids, attn, score, answer)
     advantages = torch.linspace(-1.0, 1.0, ids.shape[0], dtype=torch.float64)
+
+    def pipeline(**options):
+        return ok.oar_advantages(*batch, advantages, mask_token_id=MASK_ID, **options)
+
+    def variant(function, **options):
+        return function(*batch, mode="answer_joint", mask_token_id=MASK_ID, **options)
+
     windows = window_segments(score, 3)
-    calls = {
+    cases = {
         "stride": (
             dict(method="perturbation", stride=2),
-            lambda: ok.perturbation_importance(
-                model,
-                ids,
-                attn,
-                score,
-                answer,
-                mode="answer_joint",
-                mask_token_id=MASK_ID,
-                stride=2,
-            ),
+            variant(ok.perturbation_importance, stride=2),
         ),
         "segments": (
             dict(method="perturbation", segments=windows),
-            lambda: ok.perturbation_importance(
-                model,
-                ids,
-                attn,
-                score,
-                answer,
-                mode="answer_joint",
-                mask_token_id=MASK_ID,
-                segments=windows,
-            ),
+            variant(ok.perturbation_importance, segments=windows),
         ),
         "hybrid": (
-            dict(method="hybrid", top_k=2),
-            lambda: hybrid_importance(
-                model,
-                ids,
-                attn,
-                score,
-                answer,
-                mode="answer_joint",
-                mask_token_id=MASK_ID,
-                k=2,
-                generator=torch.Generator().manual_seed(5),
-            ),
+            dict(method="hybrid", top_k=2, generator=torch.Generator().manual_seed(5)),
+            variant(hybrid_importance, k=2, generator=torch.Generator().manual_seed(5)),
         ),
     }
-    for name, (options, scores_of) in calls.items():
-        got = ok.oar_advantages(
-            model,
-            ids,
-            attn,
-            score,
-            answer,
-            advantages,
-            mask_token_id=MASK_ID,
-            generator=torch.Generator().manual_seed(5),
-            **options,
-        )
-        want = scores_of()
+    clean = pipeline(method="perturbation").old_logprobs
+    for name, (options, want) in cases.items():
+        got = pipeline(**options)
         assert torch.equal(got.scores, want), name
         weights = ok.bilevel_weights(want, score)
         assert torch.equal(got.weights, weights), name
         assert_verbose_allclose(
             got.advantages, advantages[:, None].float() * weights, rtol=1e-6, atol=1e-7
         )
-        clean = ok.oar_advantages(
-            model,
-            ids,
-            attn,
-            score,
-            answer,
-            advantages,
-            method="perturbation",
-            mask_token_id=MASK_ID,
-        )
-        assert torch.equal(got.old_logprobs, clean.old_logprobs), name
-    assert not torch.equal(
-        ok.oar_advantages(
-            model,
-            ids,
-            attn,
-            score,
-            answer,
-            advantages,
-            method="hybrid",
-            mask_token_id=MASK_ID,
-            top_k=1,
-        ).scores,
-        ok.oar_advantages(
-            model,
-            ids,
-            attn,
-            score,
-            answer,
-            advantages,
-            method="hybrid",
-            mask_token_id=MASK_ID,
-            top_k=3,
-        ).scores,
-    )  # top_k reaches the hybrid
+        assert torch.equal(got.old_logprobs, clean), name
+    top_1, top_3 = (pipeline(method="hybrid", top_k=k).scores for k in (1, 3))
+    assert not torch.equal(top_1, top_3)  # top_k reaches the hybrid
 
 
 @pytest.mark.parametrize(
