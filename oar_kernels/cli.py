@@ -11,7 +11,7 @@ COMMANDS = {
     "info": "versions, extension status and each op's backend",
     "reshape-demo": "reshape a synthetic GRPO batch and show it",
     "train": "a reference GRPO run on the embedded task",
-    "demo": "GRPO vs OAR-G on the embedded task, 3 seeds",
+    "demo": "GRPO vs OAR-G vs its shuffled control on the filler task, 3 seeds",
     "study": "the credit-assignment study of docs/study/DESIGN.md (filler task, controls)",
     "viz": "curves and token-weight heatmaps of finished runs",
 }

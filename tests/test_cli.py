@@ -2,6 +2,7 @@
 and that `--help` does not import torch. Nothing here trains."""
 
 import dataclasses
+import os
 import subprocess
 import sys
 
@@ -132,3 +133,22 @@ def test_the_demo_interrupted_does_not_offer_a_resume_it_lacks(capsys, monkeypat
     err = capsys.readouterr().err
     assert "`oar-kernels demo` starts every run afresh" in err
     assert "oar-kernels train --resume --out-dir" in err
+
+
+def test_demo_takes_methods_as_arms_and_picks_its_workers(monkeypatch):
+    import torch
+
+    from oar_kernels.grpo import demo
+
+    seen = {}
+    monkeypatch.setattr(demo, "run", lambda out, **kwargs: seen.update(kwargs))
+    assert cli.main(["demo", "--methods", "grpo,oar-p", "--fillers", "0"]) == 0
+    assert seen["arms"] == ("grpo", "oar-p") and seen["fillers"] == 0
+    assert seen["workers"] is None  # demo.default_workers decides
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--workers", "0"])
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert demo.default_workers(9) == min(9, cores) and demo.default_workers(1) == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert demo.default_workers(9) == 1  # runs share one GPU: one at a time

@@ -1,10 +1,13 @@
 """The loop on the filler task, with a control method, logs the faithfulness metrics; the
 study tabulates finished runs (a seconds-long untrained model: no warm start)."""
 
+import os
+
 import pytest
 
 from oar_kernels import cli
 from oar_kernels.grpo import study
+from oar_kernels.grpo.config import ConfigError
 from oar_kernels.grpo.loop import METRICS, SAMPLES, read_jsonl
 
 TINY = dict(
@@ -77,6 +80,9 @@ def test_runs_trained_in_worker_processes_equal_runs_trained_in_process(cache, t
         torch.set_num_threads(threads)
     parallel = study.run(tmp_path / "parallel", workers=2, **kwargs)
     assert parallel == serial
+    for way, trainer in (("serial", "this process"), ("parallel", "a worker")):
+        lock = (tmp_path / way / "F2" / "grpo-seed0" / "train.lock").read_text()
+        assert (lock.split()[1] == str(os.getpid())) == (trainer == "this process"), lock
     for arm in kwargs["arms"]:
         runs = [tmp_path / way / "F2" / f"{arm}-seed0" / METRICS for way in ("serial", "parallel")]
         drop = ("rollout_s", "advantage_s", "update_s")
@@ -86,3 +92,24 @@ def test_runs_trained_in_worker_processes_equal_runs_trained_in_process(cache, t
         assert serial_lines == parallel_lines and len(serial_lines) == 3
     with pytest.raises(ValueError, match="workers must be an int >= 1"):
         study.run(tmp_path / "x", workers=0, **kwargs)
+    with pytest.raises(ValueError, match="cannot go with train_missing=False"):
+        study.run(tmp_path / "x", rerun=True, train_missing=False, **kwargs)
+
+
+def test_a_failing_run_stops_a_parallel_study_with_its_error(cache, tmp_path, monkeypatch):
+    kwargs = dict(arms=("grpo",), fillers=(2,), seeds=1, steps=1, **TINY)
+    study.run(tmp_path / "study", **kwargs)  # the warm start, cached
+    run_dir = tmp_path / "study" / "F2" / "grpo-seed0"
+    (run_dir / "config.yaml").unlink()
+    with pytest.raises(study.StudyError, match="no config.yaml"):
+        study.run(tmp_path / "study", **kwargs)
+    (run_dir / "config.yaml").write_text("method: ppo\n")
+    with pytest.raises(study.StudyError, match=f"{run_dir}: method must be one of"):
+        study.run(tmp_path / "study", **kwargs)
+    # A run that fails in a worker (its out_dir is a file) stops the study with its error;
+    # the runs not yet started are not started.
+    (tmp_path / "bad" / "F2").mkdir(parents=True)
+    (tmp_path / "bad" / "F2" / "grpo-seed1").write_text("in the way")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        study.run(tmp_path / "bad", workers=2, **{**kwargs, "seeds": 3})
+    assert not (tmp_path / "bad" / "F2" / "grpo-seed2").exists()

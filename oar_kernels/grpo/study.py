@@ -8,19 +8,20 @@ stopped study continues where it stopped. The table is rewritten after every run
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import multiprocessing
 import os
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import torch
 
 from oar_kernels.grpo import stats, viz
-from oar_kernels.grpo.config import ConfigError, TrainConfig
+from oar_kernels.grpo.config import RUN_CONFIG, ConfigError, TrainConfig
 from oar_kernels.grpo.loop import METRICS, read_jsonl, train, warm_start
 
 # Each arm: a method and the settings that make it (the rest is TrainConfig's defaults).
@@ -66,6 +67,10 @@ def run_config(arm: str, fillers: int, seed: int, steps: int, out: Path, **overr
 PRESENTATION = ("progress", "heatmap_samples", "checkpoint_every", "out_dir")
 
 
+# Seconds a stopped study waits for its worker processes' runs to save and stop.
+STOP_GRACE_S = 30
+
+
 class StudyError(ConfigError):
     """The study's directory holds a finished run that is not the one the study asks for."""
 
@@ -78,7 +83,16 @@ def finished(config: TrainConfig) -> bool:
     records = read_jsonl(out_dir / METRICS) if (out_dir / METRICS).exists() else []
     if not any(r.get("step") == config.steps and "eval_accuracy" in r for r in records):
         return False
-    ran, asked = TrainConfig.of_run(out_dir).to_dict(), config.to_dict()
+    if not (out_dir / RUN_CONFIG).exists():
+        raise StudyError(
+            f"{out_dir} holds a finished run's metrics but no {RUN_CONFIG}: its configuration "
+            "is unknown; give the study a fresh --out, or move that run away to rerun it"
+        )
+    try:
+        ran = TrainConfig.of_run(out_dir).to_dict()
+    except ConfigError as error:  # a config this version no longer accepts
+        raise StudyError(f"{out_dir}: {error}") from error
+    asked = config.to_dict()
     differs = [k for k in asked if k not in PRESENTATION and ran[k] != asked[k]]
     if differs:
         changes = ", ".join(f"{k}={ran[k]!r} (asked {asked[k]!r})" for k in differs)
@@ -183,21 +197,22 @@ def run(
         for count in fillers
         for arm in arms
     }
+    if rerun and not train_missing:
+        raise ValueError("rerun=True trains every run: it cannot go with train_missing=False")
     todo = [c for c in plan.values() if rerun or not finished(c)] if train_missing else []
-
-    trained = set()
+    pending = {c.out_dir for c in todo}  # to be (re)trained: not read until they are
 
     def tabulate() -> dict[int, dict[str, dict[int, dict]]]:
         summaries: dict = {f: {a: {} for a in arms} for f in fillers}
         for (count, arm, seed), config in plan.items():
-            stale = rerun and config.out_dir not in trained  # to be replaced, not shown
-            if not stale and finished(config):
+            if config.out_dir not in pending and finished(config):
                 summaries[count][arm][seed] = summarise_run(Path(config.out_dir))
         return summaries
 
-    for config in _train_runs(todo, workers):
-        trained.add(config.out_dir)
-        _write_results(out, tabulate(), began)
+    with contextlib.closing(_train_runs(todo, workers)) as trained:
+        for config in trained:
+            pending.discard(config.out_dir)
+            _write_results(out, tabulate(), began)
     summaries = tabulate()
     _write_results(out, summaries, began)
     _write_pictures(out, summaries)
@@ -206,11 +221,14 @@ def run(
 
 def _train_runs(configs: list[TrainConfig], workers: int):
     """Train `configs` (replacing any unfinished run in their out_dirs), yielding each as
-    it finishes; with workers > 1, in that many processes at once."""
-    if workers == 1 or len(configs) <= 1:
+    it finishes; with workers > 1, in that many processes at once (even for one run, so a
+    run's thread count does not depend on how many are left)."""
+    if workers == 1:
         for config in configs:
             train(config, overwrite=True)
             yield config
+        return
+    if not configs:
         return
     from tqdm.auto import tqdm
 
@@ -223,19 +241,34 @@ def _train_runs(configs: list[TrainConfig], workers: int):
         initializer=torch.set_num_threads,
         initargs=(worker_threads(workers),),
     )
-    progress = configs[0].progress
+    # Per-run bars of several processes would interleave: one bar over the runs.
+    queue = [dataclasses.replace(c, progress=False) for c in configs]
+    bar = tqdm(
+        total=len(queue), desc=f"runs ({workers} at a time)", disable=not configs[0].progress
+    )
+    running: dict = {}
     try:
-        # Per-run bars of several processes would interleave: one bar over the runs.
-        quiet = [dataclasses.replace(c, progress=False) for c in configs]
-        jobs = {pool.submit(train, config, overwrite=True): config for config in quiet}
-        bar = tqdm(total=len(jobs), desc=f"runs ({workers} at a time)", disable=not progress)
         with bar:
-            for job in as_completed(jobs):
-                job.result()  # a failed run stops the study with its error
-                config = jobs[job]
-                bar.set_postfix_str(f"done F{config.filler_count} {Path(config.out_dir).name}")
-                bar.update()
-                yield config
+            while queue or running:
+                # No more jobs than workers: none waits queued inside a worker, so a stopped
+                # study stops the runs it started and starts no other.
+                while queue and len(running) < workers:
+                    config = queue.pop(0)
+                    running[pool.submit(train, config, overwrite=True)] = config
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for job in done:
+                    config = running.pop(job)
+                    job.result()  # a failed run stops the study with its error
+                    bar.set_postfix_str(f"done F{config.filler_count} {Path(config.out_dir).name}")
+                    bar.update()
+                    yield config
+    except BaseException:
+        # Runs that got the same Ctrl-C save their last finished step and stop; one still
+        # going after the grace period (another run failed) is stopped where it is.
+        if wait(running, timeout=STOP_GRACE_S).not_done:
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()
+        raise
     finally:
         pool.shutdown(cancel_futures=True)
 

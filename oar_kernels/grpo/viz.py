@@ -34,6 +34,8 @@ def _style(label: str) -> dict:
     if control in DASHES and method in COLORS:
         return {"color": COLORS[method], "linestyle": DASHES[control]}
     return {"color": COLORS.get(label), "linestyle": "-"}
+
+
 CONFIG = "config.yaml"
 WRAP = 112  # character cells per heatmap.png line: a plain-task completion fits one
 CELL_INCHES = 0.085  # a cell's width: a 9 pt monospace glyph's (5.4 pt) and a little air

@@ -45,8 +45,10 @@ class OARConfig:
     mode: outcome functional, "answer_joint", "answer_mean" or "last".
     answer_format: how the answer is found in responses (see `oar_kernels.spans`).
     tau, beta, floor, preserve_mass: the Bi-Level reshape (SPEC section 6).
-    noise_std: OAR-G noise; None is 0 in answer_joint mode and 1e-3 otherwise.
-    mask_token_id: OAR-P's substitute token; None is the tokenizer's pad token.
+    noise_std: OAR-G noise; None is 0 in answer_joint mode and 1e-3 otherwise (and always
+    1e-3 for the hybrid's ranking).
+    mask_token_id: OAR-P's (and the hybrid's) substitute token; None is the tokenizer's pad
+    token.
     """
 
     method: str = "gradient"
