@@ -6,7 +6,7 @@ import os
 import pytest
 
 from oar_kernels import cli
-from oar_kernels.grpo import study
+from oar_kernels.grpo import study, task
 from oar_kernels.grpo.config import ConfigError
 from oar_kernels.grpo.loop import METRICS, SAMPLES, read_jsonl
 
@@ -40,6 +40,11 @@ def test_study_runs_log_faithfulness_and_finished_runs_are_reused(cache, tmp_pat
     assert summaries[2]["grpo"][0]["ess_ratio"] == pytest.approx(1.0)
     sample = read_jsonl(out / "F2" / "oar-g-inverted-seed0" / SAMPLES)[0]
     assert len(sample["filler"]) == len(sample["tokens"])
+    # Each sample names its problem: the prompt's sum is the expected answer, which gives
+    # the logged reward.
+    a, b = sample["prompt"].removeprefix("Q: ").removesuffix("=?\n").split("+")
+    assert sample["answer"] == int(a) + int(b)
+    assert task.reward("".join(sample["tokens"]), sample["answer"]) == sample["reward"]
     metrics = out / "F2" / "grpo-seed0" / METRICS
     mtime = metrics.stat().st_mtime_ns
     study.run(out, **kwargs)  # finished runs are tabulated, not rerun

@@ -360,7 +360,9 @@ class Trainer:
         if weights is not None:
             record.update(weight_statistics(weights, batch["score_mask"]))
             if step % config.eval_every == 0 or step == 1:
-                samples = self._samples(step, batch, weights, rewards, advantages, departures)
+                samples = self._samples(
+                    step, batch, weights, rewards, advantages, departures, problems
+                )
         return record, samples
 
     def _faithfulness(self, batch, weights, departures) -> dict[str, float]:
@@ -484,18 +486,25 @@ class Trainer:
             metrics["kl_to_ref"] = result.mean_kl.item()
         return metrics
 
-    def _samples(self, step, batch, weights, rewards, advantages, departures) -> list[dict]:
-        """A few completions with their token weights, filler tokens and first departure
-        (an index into the tokens, or None), for `viz`'s heatmap."""
+    def _samples(
+        self, step, batch, weights, rewards, advantages, departures, problems
+    ) -> list[dict]:
+        """A few completions with their prompt, expected answer, token weights, filler
+        tokens and first departure (an index into the tokens, or None), for `viz`'s
+        heatmap."""
         samples = []
         fillers = self._filler_mask(batch)
+        group = self.config.num_generations
         for row in range(min(self.config.heatmap_samples, weights.shape[0])):
+            problem = problems[row // group]
             cols = batch["completion_mask"][row].nonzero().flatten().tolist()
             ids = batch["input_ids"][row, cols].tolist()
             samples.append(
                 {
                     "step": step,
                     "method": self.config.method,
+                    "prompt": problem.prompt,
+                    "answer": problem.answer,
                     "reward": rewards[row].item(),
                     "advantage": advantages[row].item(),
                     "tokens": [self.tokenizer.decode([i]) for i in ids],
