@@ -279,3 +279,22 @@ def test_results_table_pairs_seeds_against_grpo():
     # the 8 sign patterns reach |mean| >= 0.1 (the 0 flips to itself): p = 0.5
     assert "| 24 | oar-g | 3 | 0.700 [0.700, 0.700] |" in table
     assert "| +0.100 [-0.148, +0.348] | 0.500 | 2/3 | +1.00 |" in table
+
+
+def test_confirmatory_family_holm_adjusts_over_the_declared_four():
+    def arm(aucs):
+        return {s: {"auc": v} for s, v in enumerate(aucs)}
+
+    summaries = {
+        24: {
+            "grpo": arm([0.5, 0.5, 0.5, 0.5, 0.5, 0.5]),
+            "oar-g": arm([0.6, 0.6, 0.6, 0.6, 0.6, 0.6]),  # all 6 better: p = 2 / 64
+            "oar-g-shuffled": arm([0.6, 0.4, 0.6, 0.4, 0.6, 0.4]),
+        }
+    }
+    text = study.confirmatory(summaries)
+    # p = 0.03125 for oar-g − grpo, x 4 (two not run count as p = 1) = 0.125
+    assert "- oar-g − grpo: +0.100 [+0.100, +0.100], sign-flip p = 0.031, Holm p = 0.125" in text
+    assert "(does not reject H0 at 0.05), 6/6 seeds better" in text
+    assert "- oar-p − grpo: not run" in text and "- oar-p − oar-p-shuffled: not run" in text
+    assert "- oar-g − oar-g-shuffled: +0.100" in text

@@ -66,3 +66,13 @@ def test_seeds_for_power_matches_the_usual_figures():
     assert stats.seeds_for_power(3.0, minimum=1) == 3
     assert stats.seeds_for_power(3.0) == 6  # the sign-flip test's floor
     assert stats.seeds_for_power(0.1) == 20 and stats.seeds_for_power(0.0) == 20
+
+
+def test_holm_on_known_values():
+    # sorted 0.01, 0.02, 0.04 of a family of 3: 0.03, 0.04, 0.04 (monotone)
+    assert stats.holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
+    # a declared family of 4 with two tested: multipliers 4 and 3
+    assert stats.holm([0.2, 0.01], family=4) == pytest.approx([0.6, 0.04])
+    assert stats.holm([0.5, 0.6], family=4) == [1.0, 1.0]
+    with pytest.raises(ValueError, match="family must be"):
+        stats.holm([0.1, 0.2, 0.3], family=2)

@@ -114,3 +114,18 @@ def seeds_for_power(d_z: float, *, minimum: int = 6, maximum: int = 20) -> int:
         return maximum
     n = math.ceil(((Z975 + Z80) / abs(d_z)) ** 2 + Z975**2 / 2)
     return max(minimum, min(maximum, n))
+
+
+def holm(p_values: list[float], family: int | None = None) -> list[float]:
+    """Holm-adjusted p-values, in the order given. `family` (>= len(p_values), default
+    len) is the number of hypotheses in the declared family: those not tested count as
+    tested with p = 1, which leaves the others' adjustment as conservative as planned."""
+    m = len(p_values) if family is None else family
+    if m < len(p_values):
+        raise ValueError(f"family must be >= the {len(p_values)} p-values, got {family}")
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted

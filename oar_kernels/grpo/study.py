@@ -280,8 +280,50 @@ def worker_threads(workers: int) -> int:
     return max(1, (cores or 1) // workers)
 
 
+# The confirmatory family of docs/study/DESIGN.md: four comparisons at one F, Holm at 0.05.
+CONFIRMATORY_F = 24
+CONFIRMATORY = (
+    ("oar-g", "grpo"),
+    ("oar-p", "grpo"),
+    ("oar-g", "oar-g-shuffled"),
+    ("oar-p", "oar-p-shuffled"),
+)
+
+
+def confirmatory(summaries: dict[int, dict[str, dict[int, dict]]]) -> str:
+    """Markdown lines: each comparison of the confirmatory family at CONFIRMATORY_F (paired
+    AUC difference over the seeds both arms have, exact sign-flip p, Holm-adjusted over
+    the whole declared family: a comparison not run counts as p = 1), or "not run"."""
+    arms = summaries.get(CONFIRMATORY_F, {})
+    tested = {}
+    for arm, other in CONFIRMATORY:
+        runs, base = arms.get(arm, {}), arms.get(other, {})
+        common = sorted(s for s in runs if s in base)
+        if len(common) >= 2:
+            result = stats.paired(
+                [runs[s]["auc"] for s in common], [base[s]["auc"] for s in common]
+            )
+            tested[(arm, other)] = (result, len(common))
+    adjusted = dict(
+        zip(tested, stats.holm([r.p for r, _ in tested.values()], family=len(CONFIRMATORY)))
+    )
+    lines = [f"Confirmatory family (F = {CONFIRMATORY_F}, AUC, Holm over {len(CONFIRMATORY)}):"]
+    for arm, other in CONFIRMATORY:
+        if (arm, other) not in tested:
+            lines.append(f"- {arm} − {other}: not run")
+            continue
+        result, n = tested[(arm, other)]
+        holm = adjusted[(arm, other)]
+        lines.append(
+            f"- {arm} − {other}: {result.difference}, sign-flip p = {result.p:.3f}, Holm p = "
+            f"{holm:.3f} ({'rejects' if holm < 0.05 else 'does not reject'} H0 at 0.05), "
+            f"{result.better}/{n} seeds better, d_z = {result.d_z:+.2f}"
+        )
+    return "\n".join(lines)
+
+
 def _write_results(out: Path, summaries: dict, began: float) -> None:
-    table = results_table(summaries)
+    table = f"{results_table(summaries)}\n\n{confirmatory(summaries)}"
     minutes = (time.perf_counter() - began) / 60
     header = (
         f"Held-out pass@1 ({TrainConfig.eval_size} problems x {TrainConfig.eval_samples} "
