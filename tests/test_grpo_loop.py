@@ -245,6 +245,7 @@ def test_cli_demo_writes_table_metrics_and_pictures(cache, tmp_path, capsys):
     assert code == 0
     table = (out / "results.md").read_text()
     assert "| 0 | grpo | 2 |" in table and "| 0 | oar-g | 2 |" in table
+    assert "(every run trained afresh)" in table
     results = json.loads((out / "results.json").read_text())
     assert sorted(results["0"]) == ["grpo", "oar-g"] and sorted(results["0"]["grpo"]) == ["0", "1"]
     for run in ("grpo-seed0", "grpo-seed1", "oar-g-seed0", "oar-g-seed1"):

@@ -212,9 +212,9 @@ def run(
     with contextlib.closing(_train_runs(todo, workers)) as trained:
         for config in trained:
             pending.discard(config.out_dir)
-            _write_results(out, tabulate(), began)
+            _write_results(out, tabulate(), began, rerun)
     summaries = tabulate()
-    _write_results(out, summaries, began)
+    _write_results(out, summaries, began, rerun)
     _write_pictures(out, summaries)
     return summaries
 
@@ -322,13 +322,17 @@ def confirmatory(summaries: dict[int, dict[str, dict[int, dict]]]) -> str:
     return "\n".join(lines)
 
 
-def _write_results(out: Path, summaries: dict, began: float) -> None:
+def _write_results(out: Path, summaries: dict, began: float, rerun: bool = False) -> None:
     table = f"{results_table(summaries)}\n\n{confirmatory(summaries)}"
     minutes = (time.perf_counter() - began) / 60
     header = (
         f"Held-out pass@1 ({TrainConfig.eval_size} problems x {TrainConfig.eval_samples} "
         f"samples), AUC = mean over the eval points after step 0; {minutes:.1f} min of runs "
-        "in this invocation (finished runs found on disk are not rerun)."
+        + (
+            "in this invocation (every run trained afresh)."
+            if rerun
+            else "in this invocation (finished runs found on disk are not rerun)."
+        )
     )
     (out / "results.md").write_text(f"{header}\n\n{table}\n")
     (out / "results.json").write_text(json.dumps(summaries, indent=1))
